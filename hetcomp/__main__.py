@@ -1,0 +1,3 @@
+from hetcomp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Strict YAML configs: unknown keys are errors, per-dataset overrides are merged in."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from hetcomp.errors import HetCompError
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise HetCompError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise HetCompError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HetCompError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def check_keys(config: Mapping, allowed: set[str] | Mapping, where: str) -> None:
+    """Fail with one line naming every key of ``config`` that ``allowed`` does not know."""
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise HetCompError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def resolve_overrides(config: Mapping, dataset: str | None) -> dict:
+    """Merge ``config["datasets"][dataset]`` over the top-level keys and drop ``datasets``.
+
+    Method and model YAMLs keep their defaults at the top level and per-dataset changes
+    under ``datasets: {name: {key: value}}``.
+    """
+    merged = {k: copy.deepcopy(v) for k, v in config.items() if k != "datasets"}
+    overrides = (config.get("datasets") or {}).get(dataset, {}) if dataset else {}
+    check_keys(overrides, merged, f"override for dataset {dataset!r}")
+    merged.update(copy.deepcopy(overrides))
+    return merged
+
+
+def merge_defaults(defaults: Mapping, given: Mapping, where: str) -> dict:
+    """``defaults`` updated with ``given``; keys that ``defaults`` lacks are errors."""
+    check_keys(given, defaults, where)
+    merged = copy.deepcopy(dict(defaults))
+    merged.update(copy.deepcopy(dict(given)))
+    return merged
+
+
+def config_hash(config: Mapping) -> str:
+    """A short stable hash of a JSON-serialisable config."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

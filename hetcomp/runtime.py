@@ -1,0 +1,71 @@
+"""Devices, seeding and the provenance record every run writes (``run_info.json``)."""
+
+from __future__ import annotations
+
+import platform
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from hetcomp import __version__
+from hetcomp.errors import HetCompError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HetCompError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise HetCompError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for sampling and shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_info(*, config: dict, config_hash: str, seed: int, device: torch.device,
+             wall_time_s: float, **extra) -> dict:
+    """The provenance record of a run."""
+    return {
+        "config": config,
+        "config_hash": config_hash,
+        "seed": seed,
+        "device": str(device),
+        "device_name": describe_device(device),
+        "versions": {
+            "hetcomp": __version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "wall_time_s": round(wall_time_s, 3),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
