@@ -18,9 +18,11 @@ import torch
 from hetcomp.data.store import Split
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-"""Maps a 1-D LongTensor of user ids to a ``[len(users), n_items]`` float score tensor."""
+"""Maps a 1-D LongTensor of user ids to a fresh ``[len(users), n_items]`` float score tensor
+(the evaluator masks it in place)."""
 
 DEFAULT_KS = (10, 20, 50)
+OTHER_PART = {"valid": "test", "test": "valid"}
 
 
 def recall_at_k(hits: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,18 +70,16 @@ class Evaluator:
         self.n_items = split.n_items
         self.device = torch.device(device)
         self.users = split.eval_users
-        exclude = {"valid": split.train + split.test, "test": split.train + split.valid}
         self._batches = []
         for start in range(0, len(self.users), batch_size):
             users = self.users[start:start + batch_size]
             batch = {"users": torch.from_numpy(users).to(self.device)}
+            for part in ("train", "valid", "test"):
+                keys = _flat_keys(split.part(part), users, self.n_items)
+                batch[part] = torch.from_numpy(keys).to(self.device)
             for part in ("valid", "test"):
-                truth = split.part(part)
-                batch[part] = (
-                    torch.from_numpy(_flat_keys(exclude[part], users, self.n_items)).to(self.device),
-                    torch.from_numpy(_flat_keys(truth, users, self.n_items)).to(self.device),
-                    torch.from_numpy(np.diff(truth[users].indptr)).to(self.device, torch.float64),
-                )
+                counts = np.diff(split.part(part)[users].indptr)
+                batch[f"n_{part}"] = torch.from_numpy(counts).to(self.device, torch.float64)
             self._batches.append(batch)
 
     @torch.no_grad()
@@ -87,10 +87,17 @@ class Evaluator:
         """Per-user metrics for each requested part; the scores are computed once per batch."""
         collected = {part: {name: [] for name in metric_names(self.ks)} for part in parts}
         for batch in self._batches:
-            scores = score_fn(batch["users"]).float()
-            for j, part in enumerate(parts):
-                masked = scores.clone() if j < len(parts) - 1 else scores
-                hits, n_relevant = self._hits(masked, *batch[part])
+            scores = score_fn(batch["users"]).float().contiguous()
+            flat = scores.view(-1)
+            flat[batch["train"]] = -torch.inf
+            for part in parts:
+                # Hide the other held-out part, rank, then restore it (cheaper than a copy).
+                other = batch[OTHER_PART[part]]
+                saved = flat[other]
+                flat[other] = -torch.inf
+                hits = self._hits(scores, batch[part])
+                flat[other] = saved
+                n_relevant = batch[f"n_{part}"]
                 for k in self.ks:
                     collected[part][f"recall@{k}"].append(recall_at_k(hits, n_relevant, k))
                     collected[part][f"ndcg@{k}"].append(ndcg_at_k(hits, n_relevant, k))
@@ -102,14 +109,15 @@ class Evaluator:
             for part, metrics in collected.items()
         }
 
-    def _hits(self, scores: torch.Tensor, excluded: torch.Tensor, truth: torch.Tensor,
-              n_relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores.view(-1)[excluded] = -torch.inf
-        k = min(self.max_k, scores.shape[1])
-        top = torch.topk(scores, k, dim=1, sorted=True).indices
+    def _hits(self, scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """0/1 float64 ``[B, max_k]``: is the item at each rank a ground-truth item?"""
+        top = torch.topk(scores, min(self.max_k, scores.shape[1]), dim=1).indices
         rows = torch.arange(top.shape[0], device=top.device).unsqueeze(1)
-        hits = torch.isin(rows * self.n_items + top, truth).to(torch.float64)
-        return hits, n_relevant
+        keys = rows * self.n_items + top
+        # ``truth`` holds the batch's sorted flat keys (never empty: every evaluated user has
+        # held-out items), so membership is a binary search.
+        position = torch.searchsorted(truth, keys).clamp(max=len(truth) - 1)
+        return (truth[position] == keys).to(torch.float64)
 
 
 @torch.no_grad()
