@@ -1,7 +1,7 @@
 """The ``hetcomp`` command line: one subcommand per stage of the pipeline.
 
-Each subcommand lives in ``hetcomp/commands/<name>.py`` and defines ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``. Errors of type ``HetCompError`` become
+Each subcommand lives in a module of ``hetcomp/commands/`` (see ``COMMANDS``) that defines
+``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; only the invoked one is imported. Errors of type ``HetCompError`` become
 one line on stderr and exit code 2.
 """
 
@@ -15,13 +15,21 @@ import sys
 from hetcomp import __version__
 from hetcomp.errors import HetCompError
 
-COMMAND_MODULES = [
-    "list_registered",
-    "prepare",
-]
+#: Subcommand name -> module in ``hetcomp.commands``.
+COMMANDS = {
+    "list": "list_registered",
+    "prepare": "prepare",
+    "train-teacher": "train_teacher",
+    "build-ensemble": "build_ensemble",
+    "distill": "distill",
+    "cost": "cost",
+    "aggregate": "aggregate",
+    "report": "report",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one with just that subcommand, to skip other imports."""
     parser = argparse.ArgumentParser(
         prog="hetcomp",
         description="Knowledge distillation from heterogeneous teachers for top-K recommendation "
@@ -30,16 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hetcomp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(f"hetcomp.commands.{module_name}")
-        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

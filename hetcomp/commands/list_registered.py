@@ -3,7 +3,6 @@
 from hetcomp.data.datasets import dataset_names
 from hetcomp.registry import METHODS, MODELS, load_all
 
-NAME = "list"
 HELP = "print every registered dataset, model and method, one per line as 'KIND NAME'"
 
 

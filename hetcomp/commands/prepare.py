@@ -7,7 +7,6 @@ from hetcomp.data.fetch import resolve_data_dir
 from hetcomp.data.store import save_split
 from hetcomp.io import atomic_output_dir
 
-NAME = "prepare"
 HELP = "read a dataset's raw files, filter and split them, and write the frozen split"
 log = logging.getLogger(__name__)
 

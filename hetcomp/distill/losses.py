@@ -1,0 +1,330 @@
+"""HetComp's two knowledge-transfer losses as pure tensor functions (HETCOMP_SPEC §4.4, §4.5).
+
+Notation for one user ``u`` with student scores ``s_u·``:
+
+- ``Z_u(S)``: the student's exp-mass on the *rest* items, i.e. every item that is neither a
+  training item of ``u`` nor in the set ``S``. Training items never enter a rest mass.
+- phase 1, ``overall_loss``: every target ``a`` (observed list ``P_u`` and unobserved list ``T_u``)
+  against the rest, ``l(u, a) = -log(e^{s_ua} / (e^{s_ua} + Z_u(T_u)))`` = ``softplus(log Z - s_ua)``;
+- phase 2, ``rank_loss``: Plackett-Luce over ordered lists against a rest mass,
+  ``PL(L; R) = -sum_k [s_{l_k} - log(sum_{j>=k} e^{s_{l_j}} + R)]``, combined as
+  ``PL(P_u; Z(T[:50])) + 1/2 [PL(T[:50]; Z(T[:50])) + PL(T[:10]; Z(T[:10]))]``.
+
+Both are **summed** over users and items (the official code's reduction, so its learning rate and
+loss weights 0.01 / 0.005 carry over). Everything is computed in log space (``logsumexp``,
+shifted suffix sums, ``softplus``, ``logaddexp``); nothing is exponentiated unshifted and divided.
+
+The official code floors each log argument at ``1e-5`` (``log_floor``). In log space that is
+exactly ``min(softplus(log Z - s), -log 1e-5)`` for the overall loss (the floor is on the ratio:
+its gradient vanishes beyond it, as with the official ``clamp``), and ``max(log D_k, log 1e-5)``
+for each Plackett-Luce denominator. ``log_floor=None`` disables both.
+
+Rest masses of a nested prefix never subtract: ``Z(T[:m]) = Z(T) + sum_{j in T[m:]} e^{s_j}``
+is computed as ``logaddexp(log Z(T), logsumexp(s[T[m:]]))``.
+
+The big term is ``log Z_u(T_u)`` over the whole catalogue. ``rest_log_mass`` computes it from a
+score matrix (generic, autograd); ``factorized_rest_log_mass`` computes it for an inner-product
+student ``s = clamp(p_u . q_i, -c, c)`` straight from the embeddings with a hand-written forward
+and backward over cache-sized row blocks (a reused buffer, no autograd copies of the
+``[B, n_items]`` matrix, blocks spread over the CPU threads), which is what makes a CiteULike
+epoch take seconds on two CPU cores. Both are tested against each other and against a naive loop.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: Stand-in for log(0) in masked list entries: exp(MASKED - x) is exactly 0 for any realistic
+#: score and every gradient stays finite (``-inf`` can give NaN gradients).
+MASKED = -1.0e30
+
+
+# ------------------------------------------------------------------------------------------
+# The rest mass
+# ------------------------------------------------------------------------------------------
+
+def rest_log_mass(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """``log sum_{j: not exclude[b, j]} exp(scores[b, j])`` per row (``[B]``).
+
+    ``exclude`` is a boolean ``[B, n_items]`` mask (training items and the target set) or a 1-D
+    LongTensor of flat indices ``row * n_items + item`` into ``scores``. Reference implementation:
+    a masked ``torch.logsumexp``, differentiable by autograd.
+    """
+    if exclude.dtype == torch.bool:
+        masked = scores.masked_fill(exclude, -torch.inf)
+    else:
+        masked = scores.flatten().index_fill(0, exclude, -torch.inf).view_as(scores)
+    return torch.logsumexp(masked, dim=1)
+
+
+class Workspace:
+    """A reusable ``[B, n_items]`` buffer for ``factorized_rest_log_mass`` (one per training run).
+
+    Fresh 100 MB allocations are returned to the OS and page-faulted again on every batch; one
+    buffer that only grows avoids that. Not thread-safe; one forward/backward at a time.
+    """
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        need = rows * cols
+        buf = self._buffer
+        if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffer = torch.empty(need, dtype=like.dtype, device=like.device)
+        return buf[:need].view(rows, cols)
+
+
+#: Largest bound usable as the shift: scores in [m - 2m, m] give exp(s - m) >= e^-80, still a
+#: normal float32 (e^-87.3 is the smallest).
+_SAFE_SHIFT = 40.0
+#: On the CPU the ``[B, n_items]`` block is processed in row blocks of about this many bytes (one
+#: core's L2 cache), so that the matmul, the exp and the sum of a block run while it is cached.
+_BLOCK_BYTES = 1 << 20
+
+
+def _block_rows(n_rows: int, n_items: int, like: torch.Tensor) -> int:
+    if like.device.type != "cpu":
+        return max(n_rows, 1)
+    return max(1, _BLOCK_BYTES // max(1, n_items * like.element_size()))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def over_row_blocks(work: Callable[[list[int]], Any], n_rows: int, step: int, device: torch.device) -> list:
+    """``work(first rows of some blocks)`` over every block, in parallel on the CPU.
+
+    With ``torch.get_num_threads() = n > 1`` the blocks are dealt round-robin to ``n`` Python
+    threads while torch's own intra-op threads are set to 1: the ops release the GIL, so the
+    cores are used without one thread-pool barrier per (small) op, which stalls badly when other
+    processes share the cores. Returns the workers' results in a fixed order (deterministic for
+    a given thread count).
+    """
+    firsts = list(range(0, n_rows, step))
+    workers = min(torch.get_num_threads(), len(firsts)) if device.type == "cpu" else 1
+
+    def run(chunk: list[int]):
+        with torch.no_grad():
+            return work(chunk)
+
+    if workers <= 1:
+        return [run(firsts)]
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="hetcomp-rest-mass")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(run, firsts[k::workers]) for k in range(workers)]
+        return [future.result() for future in futures]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _grouped(exclude: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [exclude] if torch.is_tensor(exclude) else list(exclude)
+
+
+class _FactorizedRestLogMass(torch.autograd.Function):
+    """``log sum_{j not excluded} exp(clamp(p_b . q_j, -c, c))`` for every row ``b``.
+
+    Forward, per block of rows (CPU: about 1 MB, so it stays in cache, blocks spread over the
+    threads; GPU: one block): the matmul ``[P, -m] @ [Q, 1]^T`` writes the shifted scores
+    ``s - m_b``, excluded entries are set to ``-inf``, one in-place ``exp``, one row sum. The shift
+    ``m_b`` is an upper bound of the row's (clamped) scores; when the Cauchy-Schwarz bound
+    ``m_b = |p_b| * max_j |q_j|`` is at most ``min(c, 40)`` for every row, no score can reach the
+    clamp, the bound itself is the shift (``s - m_b >= -80``: ``exp`` stays a normal float32) and no
+    extra pass is needed (the usual case for a small student with weight decay). Otherwise the
+    scores are clamped explicitly, the shift is the true row maximum, and clamped entries get
+    zero gradient (as ``torch.clamp`` gives them).
+    Backward, per block, from the kept ``E = exp(s - m)`` (never rescaled in place):
+    ``dP = (g / Z) * (E Q)``, ``dQ^T += ((g / Z) * P)^T E``. With a ``Workspace`` the next forward
+    reuses ``E``'s memory, so backpropagate each result before computing the next one.
+    """
+
+    @staticmethod
+    def forward(ctx, users: torch.Tensor, items: torch.Tensor, exclude, clamp: float | None,
+                workspace: Workspace | None):
+        n_rows, n_items = users.shape[0], items.shape[0]
+        out = (workspace.get(n_rows, n_items, users) if workspace is not None
+               else users.new_empty(n_rows, n_items))
+        limit = _SAFE_SHIFT if clamp is None else min(clamp, _SAFE_SHIFT)
+        bound = users.norm(dim=1) * items.norm(dim=1).max() if n_items else users.new_zeros(n_rows)
+        fast = n_rows > 0 and bool(bound.max() <= limit)
+        if fast:
+            shift = bound
+            lhs = torch.cat([users, -shift[:, None]], 1)
+            rhs = torch.cat([items, items.new_ones(n_items, 1)], 1).T.contiguous()
+        else:
+            shift = users.new_empty(n_rows)
+            lhs, rhs = users, items.T.contiguous()
+        step = _block_rows(n_rows, n_items, users)
+        groups = _grouped(exclude)
+        cuts = []
+        for group in groups:   # each group is ordered by row: searchsorted finds each block's slice
+            starts = torch.arange(0, n_rows + step, step, device=group.device) * n_items
+            cuts.append(torch.searchsorted(group, starts).tolist())
+        total = users.new_empty(n_rows)
+
+        def work(firsts: list[int]) -> None:
+            for first in firsts:
+                j, last = first // step, min(first + step, n_rows)
+                block = out[first:last]
+                torch.mm(lhs[first:last], rhs, out=block)
+                clipped = None
+                if not fast and clamp is not None:
+                    clipped = (block > clamp) | (block < -clamp)
+                    block.clamp_(-clamp, clamp)
+                flat = block.view(-1)
+                for group, cut in zip(groups, cuts):
+                    flat.index_fill_(0, group[cut[j]:cut[j + 1]] - first * n_items, -torch.inf)
+                if not fast:
+                    peak = block.amax(dim=1)
+                    # a row with nothing left would give -inf - -inf; any finite shift does there
+                    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+                    shift[first:last] = peak
+                    block.sub_(peak[:, None])
+                block.exp_()
+                torch.sum(block, dim=1, out=total[first:last])
+                if clipped is not None:
+                    block.masked_fill_(clipped, 0.0)
+
+        over_row_blocks(work, n_rows, step, users.device)
+        ctx.save_for_backward(users, items, total)
+        ctx.weights = out
+        ctx.step = step
+        return shift + total.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        users, items, total = ctx.saved_tensors
+        weights, step = ctx.weights, ctx.step
+        scale = (grad / total.clamp(min=torch.finfo(total.dtype).tiny)).unsqueeze(1)
+        need_users, need_items = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_users = torch.empty_like(users) if need_users else None
+        scaled = users * scale
+        items_t = items.T.contiguous()
+
+        def work(firsts: list[int]):
+            grad_items_t = items.new_zeros(items.shape[1], items.shape[0]) if need_items else None
+            for first in firsts:
+                block = weights[first:first + step]
+                if need_users:   # (Q^T E^T)^T: faster than E Q for a wide, short block
+                    grad_users[first:first + step] = (items_t @ block.T).T
+                if need_items:
+                    grad_items_t.addmm_(scaled[first:first + step].T, block)
+            return grad_items_t
+
+        partials = over_row_blocks(work, users.shape[0], step, users.device)
+        grad_items = None
+        if need_items:
+            grad_items = partials[0]
+            for partial in partials[1:]:
+                grad_items = grad_items + partial
+            grad_items = grad_items.T
+        if need_users:
+            grad_users.mul_(scale)
+        return grad_users, grad_items, None, None, None
+
+
+def factorized_rest_log_mass(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor,
+                             clamp: float | None = 40.0, workspace: Workspace | None = None) -> torch.Tensor:
+    """``log Z`` for an inner-product student, from the embeddings (``[B]``).
+
+    ``users [B, d]`` (the batch users' embeddings), ``items [n_items, d]`` (all item embeddings),
+    ``exclude``: flat indices ``row * n_items + item`` of the excluded entries (training items and
+    the target set), one LongTensor or several, **each ordered by row** (row-major flat indices
+    are; items within a row may come in any order; duplicates are fine). Scores are
+    ``clamp(users @ items.T, -clamp, clamp)`` (``clamp=None``: none).
+    Equal to ``rest_log_mass(scores.clamp(-c, c), exclude)`` in value and gradient.
+    """
+    return _FactorizedRestLogMass.apply(users, items, exclude, clamp, workspace)
+
+
+# ------------------------------------------------------------------------------------------
+# Phase 1: overall relations
+# ------------------------------------------------------------------------------------------
+
+def _floor(log_floor: float | None) -> float | None:
+    return None if log_floor is None or log_floor <= 0 else math.log(log_floor)
+
+
+def overall_loss(target_scores: torch.Tensor, target_mask: torch.Tensor | None, log_rest: torch.Tensor,
+                 log_floor: float | None = 1e-5) -> torch.Tensor:
+    """Phase-1 loss, summed: ``sum_{b, a valid} -log(e^{s_ba} / (e^{s_ba} + Z_b))``.
+
+    ``target_scores [B, M]``: the student's scores of the targets (observed list then top-K list),
+    ``target_mask [B, M]``: the real entries (padded observed entries are False; ``None``: all),
+    ``log_rest [B]``: ``log Z_b(T_b)``. Each term is capped at ``-log(log_floor)``.
+    """
+    terms = F.softplus(log_rest.unsqueeze(1) - target_scores)
+    floor = _floor(log_floor)
+    if floor is not None:
+        terms = terms.clamp(max=-floor)
+    if target_mask is not None:
+        terms = torch.where(target_mask, terms, torch.zeros_like(terms))
+    return terms.sum()
+
+
+# ------------------------------------------------------------------------------------------
+# Phase 2: fine-grained ranking
+# ------------------------------------------------------------------------------------------
+
+def plackett_luce(list_scores: torch.Tensor, log_rest: torch.Tensor, mask: torch.Tensor | None = None,
+                  log_floor: float | None = 1e-5) -> torch.Tensor:
+    """``PL(L; R)`` per row (``[B]``): ``-sum_k [s_k - log(sum_{j>=k} e^{s_j} + R)]``.
+
+    ``list_scores [B, n]`` in list order, ``log_rest [B]`` = ``log R``, ``mask [B, n]``: real entries
+    (masked entries neither add a term nor mass). Each denominator is floored at ``log_floor``.
+
+    The suffix sums are a log-sum-exp with one shift per row, ``m = max(max_k s_k, log R)``:
+    ``log(sum_{j>=k} e^{s_j - m} + e^{log R - m}) + m`` in float64, where every term is at most 1
+    and one of them is 1, so nothing overflows and a term underflows only when it is more than
+    ~700 below the row's largest (then it is negligible). This equals ``torch.logcumsumexp`` on the
+    reversed list but is several times cheaper on the CPU (forward and backward).
+    """
+    s = list_scores.double()
+    if mask is not None:
+        s = s.masked_fill(~mask, MASKED)
+    log_r = log_rest.double().unsqueeze(1)
+    shift = torch.maximum(s.amax(dim=1, keepdim=True), log_r).detach()
+    tail = torch.exp(s - shift).flip(1).cumsum(1).flip(1)
+    log_denominator = torch.log(tail + torch.exp(log_r - shift)) + shift
+    floor = _floor(log_floor)
+    if floor is not None:
+        log_denominator = log_denominator.clamp(min=floor)
+    terms = log_denominator - s
+    if mask is not None:
+        terms = torch.where(mask, terms, torch.zeros_like(terms))
+    return terms.sum(1).to(list_scores.dtype)
+
+
+def prefix_log_rest(top_scores: torch.Tensor, log_rest: torch.Tensor, length: int) -> torch.Tensor:
+    """``log Z(T[:length])`` from ``log Z(T)``: the items ``T[length:]`` rejoin the rest mass."""
+    if length >= top_scores.shape[1]:
+        return log_rest
+    return torch.logaddexp(log_rest, torch.logsumexp(top_scores[:, length:], dim=1))
+
+
+def rank_loss(observed_scores: torch.Tensor, observed_mask: torch.Tensor | None, top_scores: torch.Tensor,
+              log_rest: torch.Tensor, prefixes: Sequence[int] = (50, 10),
+              log_floor: float | None = 1e-5) -> torch.Tensor:
+    """Phase-2 loss, summed over rows.
+
+    ``PL(P; Z(T[:p_0])) + mean_m PL(T[:m]; Z(T[:m]))`` over ``m`` in ``prefixes`` (the official
+    ``1/2 [PL(T[:50]) + PL(T[:10])]`` for ``prefixes = (50, 10)``); the observed list competes with
+    the rest of the first (longest) prefix. ``top_scores [B, K]``: scores of ``T`` in order,
+    ``log_rest [B]``: ``log Z(T)`` over the full ``K``.
+    """
+    first = prefix_log_rest(top_scores, log_rest, prefixes[0])
+    loss = plackett_luce(observed_scores, first, observed_mask, log_floor)
+    unobserved = sum(plackett_luce(top_scores[:, :m], prefix_log_rest(top_scores, log_rest, m),
+                                   None, log_floor) for m in prefixes)
+    return (loss + unobserved / len(prefixes)).sum()

@@ -1,0 +1,56 @@
+# Stage 3: the students (`hetcomp distill`). Every method distils the same ensemble of its
+# (dataset, seed); methods without a teacher (w/o KD) need none. The single-teacher controls
+# distil one teacher of that ensemble alone (`--teacher NAME`).
+
+
+rule distill:
+    input:
+        unpack(distill_inputs),
+    output:
+        directory(f"{WORK}/runs/{{dataset}}/seed{{seed}}/{{method}}"),
+    params:
+        hetcomp=hetcomp,
+        ensemble=ensemble_arg,
+        device=DEVICE,
+    log:
+        f"{WORK}/logs/runs/{{dataset}}/seed{{seed}}/{{method}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/runs/{{dataset}}/seed{{seed}}/{{method}}.tsv"
+    threads: threads("distill")
+    resources:
+        mem_mb=mem_mb("distill"),
+        runtime=runtime("distill"),
+        gpu=gpus("distill"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} distill --method {wildcards.method} --split {input.split} {params.ensemble}"
+        " --config {input.config} --seed {wildcards.seed} --device {params.device}"
+        " --out {output} > {log} 2>&1"
+
+
+rule distill_control:
+    input:
+        split=f"{WORK}/splits/{{dataset}}",
+        ensemble=f"{WORK}/ensembles/{{dataset}}/seed{{seed}}",
+        config=control_config,
+    output:
+        directory(f"{WORK}/controls/{{dataset}}/seed{{seed}}/{{method}}/{{teacher}}"),
+    params:
+        hetcomp=hetcomp,
+        device=DEVICE,
+    log:
+        f"{WORK}/logs/controls/{{dataset}}/seed{{seed}}/{{method}}/{{teacher}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/controls/{{dataset}}/seed{{seed}}/{{method}}/{{teacher}}.tsv"
+    threads: threads("distill")
+    resources:
+        mem_mb=mem_mb("distill"),
+        runtime=runtime("distill"),
+        gpu=gpus("distill"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} distill --method {wildcards.method} --split {input.split}"
+        " --ensemble {input.ensemble} --teacher {wildcards.teacher} --config {input.config}"
+        " --seed {wildcards.seed} --device {params.device} --out {output} > {log} 2>&1"

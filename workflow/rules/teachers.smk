@@ -1,0 +1,55 @@
+# Stage 2: the heterogeneous teachers (`hetcomp train-teacher`), one run per (dataset, seed, teacher),
+# shared by every method of that dataset and seed; then their ensemble (`hetcomp build-ensemble`).
+
+
+rule train_teacher:
+    input:
+        split=f"{WORK}/splits/{{dataset}}",
+        config=teacher_config,
+    output:
+        directory(f"{WORK}/teachers/{{dataset}}/seed{{seed}}/{{teacher}}"),
+    params:
+        hetcomp=hetcomp,
+        device=DEVICE,
+    log:
+        f"{WORK}/logs/teachers/{{dataset}}/seed{{seed}}/{{teacher}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/teachers/{{dataset}}/seed{{seed}}/{{teacher}}.tsv"
+    threads: threads("teacher")
+    resources:
+        mem_mb=mem_mb("teacher"),
+        runtime=runtime("teacher"),
+        gpu=gpus("teacher"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} train-teacher --model {wildcards.teacher} --split {input.split}"
+        " --config {input.config} --seed {wildcards.seed} --device {params.device}"
+        " --out {output} > {log} 2>&1"
+
+
+rule build_ensemble:
+    input:
+        split=f"{WORK}/splits/{{dataset}}",
+        teachers=seed_teachers,
+    output:
+        directory(f"{WORK}/ensembles/{{dataset}}/seed{{seed}}"),
+    params:
+        hetcomp=hetcomp,
+        top_k=config["ensemble"]["top_k"],
+        observed=config["ensemble"]["observed"],
+        temperature=config["ensemble"]["temperature"],
+    log:
+        f"{WORK}/logs/ensembles/{{dataset}}/seed{{seed}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/ensembles/{{dataset}}/seed{{seed}}.tsv"
+    threads: threads("ensemble")
+    resources:
+        mem_mb=mem_mb("ensemble"),
+        runtime=runtime("ensemble"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} build-ensemble --split {input.split} --teachers {input.teachers}"
+        " --top-k {params.top_k} --observed {params.observed} --temperature {params.temperature}"
+        " --out {output} > {log} 2>&1"
