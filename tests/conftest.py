@@ -61,3 +61,11 @@ def make_tiny_split(seed: int = 0) -> Split:
 def tiny_split() -> Split:
     """A small synthetic :class:`Split` (see :func:`make_tiny_split`); every user is evaluated."""
     return make_tiny_split()
+
+
+@pytest.fixture
+def run_cli():
+    """The ``hetcomp`` entry point, called in-process with an argument list."""
+    from hetcomp.cli import main
+
+    return main

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from hetcomp import cli
 from hetcomp import cost as C
 from hetcomp.data.store import save_split
 from hetcomp.ensemble import ensemble_scores
@@ -18,12 +17,6 @@ from hetcomp.knowledge import combine_rankings
 from hetcomp.models.mf import MF
 
 DEPTH, N_CHECKPOINTS = 30, 3
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cost"])
-    return cli.main
 
 
 def _mf(split, dim, seed):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from hetcomp import cli
 from hetcomp.data.store import Split, save_split, to_csr
 from hetcomp.ensemble import (TeacherRun, build_knowledge, ensemble_scores, observed_ranking,
                               selection_score_fn)
@@ -123,12 +122,6 @@ def _fake_teacher_run(path, name, split, n_checkpoints=4, depth=20, seed=0):
                                         "split_fingerprint": split_fingerprint(split)})
     write_json(path / "metrics.json", {"n_parameters": 100})
     return path
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["train_teacher", "build_ensemble"])
-    return cli.main
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from hetcomp import REPO_ROOT, cli
+from hetcomp import REPO_ROOT
 from hetcomp.data.store import save_split
 from hetcomp.errors import HetCompError
 from hetcomp.report import aggregate as A
@@ -25,12 +25,6 @@ FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.
 PNG = b"\x89PNG\r\n\x1a\n"
 # Test Recall@50 level of each method; other metrics are scaled from it.
 LEVEL = {"mf": 0.30, "cml": 0.25, "ensemble": 0.40, "wokd": 0.20, "rrd": 0.24, "hetcomp": 0.30}
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["aggregate", "report"])
-    return cli.main
 
 
 def _metrics(level: float, rng: np.random.Generator) -> dict:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from hetcomp import cli
 from hetcomp.data.store import load_split, save_split
 from hetcomp.evaluation import top_unobserved
 from hetcomp.registry import MODELS
@@ -20,13 +19,6 @@ def split_dir(tmp_path, tiny_split):
     path = tmp_path / "split"
     save_split(tiny_split, path)
     return path
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    """``hetcomp`` with only this stage's subcommands (others may be mid-development)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["train_teacher", "build_ensemble"])
-    return cli.main
 
 
 CONFIG = """\

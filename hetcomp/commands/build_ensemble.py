@@ -65,7 +65,7 @@ def run(args) -> int:
         write_per_user(tmp / "per_user.npz", results["valid"], results["test"])
         write_json(tmp / "run_info.json", run_info(
             config=config, config_hash=config_hash(config), seed=seed, device=device,
-            wall_time_s=time.perf_counter() - started, command=NAME, split_dir=str(args.split),
+            wall_time_s=time.perf_counter() - started, command=args.command, split_dir=str(args.split),
             split_fingerprint=fingerprint, teacher_runs=list(args.teachers)))
     log.info("ensemble of %s: valid recall@50 %.4f, test recall@50 %.4f -> %s", ", ".join(knowledge.teachers),
              results["valid"].means()["recall@50"], results["test"].means()["recall@50"], args.out)

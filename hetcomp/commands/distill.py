@@ -68,7 +68,7 @@ def run(args) -> int:
     teacher = (args.teacher or "ensemble") if uses_knowledge else None
     result, distiller = run_distillation(args.method, split, knowledge, config, args.seed, device, where)
     effective = {"method": args.method, "teacher": teacher, "dataset": dataset, **resolved.effective()}
-    provenance = {"command": NAME, "config_file": str(args.config), "split_dir": str(args.split),
+    provenance = {"command": args.command, "config_file": str(args.config), "split_dir": str(args.split),
                   "split_fingerprint": split_fingerprint(split),
                   "ensemble_dir": str(args.ensemble) if knowledge is not None else None,
                   "teachers": list(knowledge.teachers) if knowledge is not None else None}

@@ -8,8 +8,7 @@ Writes into ``--out`` (atomically): ``model.pt`` (state_dict of the best epoch, 
 The model YAML is flat (per-dataset overrides under ``datasets:``). Its keys go to three places:
 the loop keys (fields of ``hetcomp.training.LoopConfig``), the trajectory keys
 (``n_checkpoints``, ``top_n``) and every other key to the model's constructor. A key none of
-them knows is an error. Values whose default is a number are converted from strings, since
-YAML 1.1 reads ``1e-3`` (no dot) as a string.
+them knows is an error, and so is a non-number where the default is a number.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def add_arguments(parser):
 
 
 def _coerce(value, default, key: str, where: str):
-    """Numbers from YAML strings like ``1e-3``; other values unchanged."""
+    """``value`` checked (and converted) to the numeric type of ``default``; others unchanged."""
     if isinstance(default, bool) or default is None or not isinstance(default, (int, float)):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -138,7 +137,7 @@ def run(args) -> int:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
         trajectory.save(tmp / "trajectory.npz")
         info = run_info(config=config, config_hash=config_hash(config), seed=args.seed, device=device,
-                        wall_time_s=time.perf_counter() - started, command=NAME,
+                        wall_time_s=time.perf_counter() - started, command=args.command,
                         config_file=str(args.config), split_dir=str(args.split),
                         split_fingerprint=split_fingerprint(split))
         write_run_outputs(tmp, metrics=metrics, valid=result.valid, test=result.test,

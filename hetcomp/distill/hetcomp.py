@@ -63,7 +63,10 @@ class HetComp(Distiller):
       the prefixes; the observed list competes with the rest of the first prefix;
     - the DKC's student ranking is computed afresh after the epoch (the official code reuses the
       ranking of the evaluation at the same epoch: the same model state when ``eval_every`` and
-      ``dkc_period`` agree).
+      ``dkc_period`` agree);
+    - ``T_u`` ties (items with equal ensemble score) are ordered by item id
+      (``dkc.ensemble_topk``; ``combine_rankings`` leaves them to ``torch.topk``), and
+      ``v_bar`` is rounded with ``numpy.round``.
 
     ``method_state`` holds the final selection (counts per checkpoint and mean index per teacher),
     the phase, the switch epoch and the DKC epochs; the student itself ends in its best state.
