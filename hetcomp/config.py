@@ -72,6 +72,28 @@ def merge_defaults(defaults: Mapping, given: Mapping, where: str) -> dict:
     return merged
 
 
+def coerce_number(value: Any, default: Any, key: str, where: str, nullable: bool = False) -> Any:
+    """``value`` checked against (and converted to) the numeric type of ``default``.
+
+    Non-numeric defaults pass ``value`` through; ``nullable`` lets ``None`` through.
+    """
+    if value is None and nullable:
+        return None
+    if isinstance(default, bool) or default is None or not isinstance(default, (int, float)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise HetCompError(f"{where}: {key} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise HetCompError(f"{where}: {key} must be a number, got {value!r}") from None
+    if isinstance(default, int):
+        if not number.is_integer():
+            raise HetCompError(f"{where}: {key} must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
 def config_hash(config: Mapping) -> str:
     """A short stable hash of a JSON-serialisable config."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()

@@ -69,3 +69,14 @@ def run_cli():
     from hetcomp.cli import main
 
     return main
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: for tiny tensors thread pools only add latency."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

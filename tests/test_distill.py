@@ -18,6 +18,8 @@ from hetcomp.errors import HetCompError
 from hetcomp.knowledge import combine_rankings, load_knowledge
 from hetcomp.registry import METHODS, load_all
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEACHERS = ["mf", "cml"]
 RUN_FILES = {"student.pt", "metrics.json", "history.jsonl", "per_user.npz", "run_info.json",
              "method_state.json"}
@@ -195,12 +197,3 @@ def test_resolve_method_config_is_strict():
     assert resolved.student == {"student_dim": 6, "batch_size": 1024, "init_std": 0.01}
     with pytest.raises(HetCompError, match="integer"):
         resolve_method_config(METHODS.get("hetcomp"), {"max_epochs": 1.5}, "x")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread pools only add latency on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

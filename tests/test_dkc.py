@@ -10,6 +10,8 @@ import torch
 
 from hetcomp.distill.dkc import DynamicKnowledgeConstruction, discrepancy, position_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_position_weights_by_hand():
     w = position_weights(3).tolist()
@@ -174,11 +176,3 @@ def test_factorized_top_unobserved_matches_evaluation_helper(tiny_split):
     ours = factorized_top_unobserved(users, items, indptr, flat, 7, block_rows=8)
     reference = top_unobserved(lambda u: users[u] @ items.T, train, 7)
     assert torch.equal(ours, torch.from_numpy(reference.astype(np.int64)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -12,6 +12,8 @@ from hetcomp.distill import losses
 from hetcomp.distill.losses import (Workspace, factorized_rest_log_mass, overall_loss, plackett_luce,
                                     rank_loss, rest_log_mass)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FLOOR = 1e-5
 
 
@@ -233,12 +235,3 @@ def test_training_items_never_enter_the_rest_mass():
     i = torch.randn(40, 3, dtype=torch.float64)
     s = u @ i.T
     assert torch.allclose(factorized_rest_log_mass(u, i, flat, None), rest_log_mass(s, mask))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: thread pools only add latency on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hetcomp.config import check_keys, config_hash, load_yaml, resolve_overrides
+from hetcomp.config import check_keys, coerce_number, config_hash, load_yaml, resolve_overrides
 from hetcomp.data.store import load_split
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import Evaluator
@@ -49,22 +49,6 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
-def _coerce(value, default, key: str, where: str):
-    """``value`` checked (and converted) to the numeric type of ``default``; others unchanged."""
-    if isinstance(default, bool) or default is None or not isinstance(default, (int, float)):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise HetCompError(f"{where}: {key} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise HetCompError(f"{where}: {key} must be a number, got {value!r}") from None
-    if isinstance(default, int):
-        if not number.is_integer():
-            raise HetCompError(f"{where}: {key} must be an integer, got {value!r}")
-        return int(number)
-    return number
-
 
 def constructor_defaults(model_cls) -> dict:
     """The constructor's keyword parameters (except ``n_users``/``n_items``) and their defaults.
@@ -82,16 +66,16 @@ def split_config(config: dict, model_cls, where: str) -> tuple[LoopConfig, dict,
     loop_defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     model_defaults = constructor_defaults(model_cls)
     check_keys(config, {**loop_defaults, **TRAJECTORY_DEFAULTS, **model_defaults}, where)
-    loop = {k: _coerce(v, loop_defaults[k], k, where) for k, v in config.items() if k in loop_defaults}
+    loop = {k: coerce_number(v, loop_defaults[k], k, where) for k, v in config.items() if k in loop_defaults}
     trajectory = dict(TRAJECTORY_DEFAULTS)
-    trajectory.update({k: _coerce(v, TRAJECTORY_DEFAULTS[k], k, where)
+    trajectory.update({k: coerce_number(v, TRAJECTORY_DEFAULTS[k], k, where)
                        for k, v in config.items() if k in TRAJECTORY_DEFAULTS})
     model_kwargs = {}
     for key, default in model_defaults.items():
         if key in loop_defaults or key in TRAJECTORY_DEFAULTS:
             continue
         if key in config:
-            model_kwargs[key] = _coerce(config[key], default, key, where)
+            model_kwargs[key] = coerce_number(config[key], default, key, where)
         elif default is inspect.Parameter.empty:
             raise HetCompError(f"{where}: missing required model key {key}")
         else:

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from hetcomp.config import check_keys, config_hash
+from hetcomp.config import check_keys, coerce_number, config_hash
 from hetcomp.data.store import Split
 from hetcomp.distill.student import STUDENT_DEFAULTS, build_student
 from hetcomp.errors import HetCompError
@@ -58,24 +58,6 @@ class MethodConfig:
         return {**dataclasses.asdict(self.loop), **self.student, **self.method}
 
 
-def _coerce(value: Any, default: Any, key: str, where: str, nullable: bool = False) -> Any:
-    """Numbers from YAML strings such as ``1e-3``; other values unchanged."""
-    if value is None and nullable:
-        return None
-    if isinstance(default, bool) or default is None or not isinstance(default, (int, float)):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise HetCompError(f"{where}: {key} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise HetCompError(f"{where}: {key} must be a number, got {value!r}") from None
-    if isinstance(default, int):
-        if not number.is_integer():
-            raise HetCompError(f"{where}: {key} must be an integer, got {value!r}")
-        return int(number)
-    return number
-
 
 def method_defaults(method_cls) -> dict:
     return dict(getattr(method_cls, "defaults", None) or {})
@@ -88,9 +70,9 @@ def resolve_method_config(method_cls, config: Mapping[str, Any], where: str) -> 
     if clash:
         raise HetCompError(f"{where}: method keys {', '.join(clash)} clash with loop/student keys")
     check_keys(config, {**LOOP_DEFAULTS, **STUDENT_DEFAULTS, **defaults}, where)
-    loop = {k: _coerce(v, LOOP_DEFAULTS[k], k, where) for k, v in config.items() if k in LOOP_DEFAULTS}
-    student = {k: _coerce(config.get(k, d), d, k, where) for k, d in STUDENT_DEFAULTS.items()}
-    method = {k: _coerce(config.get(k, d), d, k, where, nullable=True) for k, d in defaults.items()}
+    loop = {k: coerce_number(v, LOOP_DEFAULTS[k], k, where) for k, v in config.items() if k in LOOP_DEFAULTS}
+    student = {k: coerce_number(config.get(k, d), d, k, where) for k, d in STUDENT_DEFAULTS.items()}
+    method = {k: coerce_number(config.get(k, d), d, k, where, nullable=True) for k, d in defaults.items()}
     try:
         loop_config = LoopConfig(**loop)
     except TypeError as exc:

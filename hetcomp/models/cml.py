@@ -49,8 +49,9 @@ class CML(PairwiseModel, Recommender):
         if neg.dim() == 1:
             neg = neg.unsqueeze(1)
         u = self.user_emb(users)
-        d_pos = (u - self.item_emb(pos)).pow(2).sum(-1)
-        d_neg = (u.unsqueeze(1) - self.item_emb(neg)).pow(2).sum(-1).min(1).values
+        items = self.item_emb(torch.cat([pos.unsqueeze(1), neg], 1))  # one lookup, one gradient
+        dist = (u.unsqueeze(1) - items).pow(2).sum(-1)
+        d_pos, d_neg = dist[:, 0], dist[:, 1:].min(1).values
         return torch.relu(self.margin + d_pos - d_neg).mean()
 
     @torch.no_grad()

@@ -26,11 +26,14 @@ class ItemAE(Recommender):
             multinomial log-likelihood of the item's users (softmax over users).
 
     Encoder ``h_i = tanh(sum_{u in col(i)} x_ui V_u + b)``, decoder ``z_ui = <h_i, W_u> + c_u``.
-    Batches are ids of items with at least one training user. Ranking score of (u, i): the
-    reconstruction logit z_ui for BCE, and ``log softmax_u(z_i)_u + log(n_i + 1)`` for the
-    multinomial loss (the log expected count, comparable across items). ``score(users)`` caches the
-    item codes (the whole reconstruction costs one [n_items x hidden] x [hidden x B] product per
-    call) in eval mode until the next step, mode change or state load.
+    Batches are item ids, every item once per epoch, including items without training users
+    (they learn to reconstruct zeros; skipped, their untrained scores would top every ranking).
+    Ranking score of (u, i): the reconstruction logit z_ui for BCE, and
+    ``log softmax_u(z_i)_u + log(n_i + 1)`` for the multinomial loss (the log expected count,
+    comparable across items). In eval mode the codes of all items (and the multinomial offsets)
+    are computed once and cached until the next step, mode change or state load; ``score(users)``
+    then reads the users' reconstruction entries over all items with one
+    [B x hidden] x [hidden x n_items] product (no [n_items x n_users] matrix is stored).
     """
 
     def __init__(self, n_users: int, n_items: int, hidden: int = 256, batch_size: int = 256,
@@ -68,8 +71,7 @@ class ItemAE(Recommender):
     def epoch_batches(self, epoch, generator):
         self._need_setup()
         indptr, indices = self._cols_cpu
-        has_users = torch.nonzero(indptr[1:] > indptr[:-1]).squeeze(1)
-        order = has_users[torch.randperm(len(has_users), generator=generator)]
+        order = torch.randperm(self.n_items, generator=generator)
         for start in range(0, len(order), self.batch_size):
             items = order[start:start + self.batch_size]
             users, offsets, counts = gather_rows(indptr, indices, items)

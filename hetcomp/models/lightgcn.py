@@ -108,12 +108,11 @@ class LightGCN(PairwiseModel, Recommender):
     def loss(self, batch) -> torch.Tensor:
         users, pos, neg = batch
         user_final, item_final = self.propagate()
-        u = user_final[users]
-        s_pos = (u * item_final[pos]).sum(-1)
-        s_neg = (u * item_final[neg]).sum(-1)
-        loss = -F.logsigmoid(s_pos - s_neg).mean()
+        both = torch.cat([pos, neg])  # one gather for positives and negatives
+        p, n = item_final[both].split(len(pos))
+        loss = -F.logsigmoid((user_final[users] * (p - n)).sum(-1)).mean()
         if self.reg:
-            loss = loss + self.reg * batch_l2(self.user_emb(users), self.item_emb(pos), self.item_emb(neg))
+            loss = loss + self.reg * batch_l2(self.user_emb(users), *self.item_emb(both).split(len(pos)))
         return loss
 
     def score(self, users: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,10 @@ class MF(PairwiseModel, Recommender):
 
     def loss(self, batch) -> torch.Tensor:
         users, pos, neg = batch
-        u, p, n = self.user_emb(users), self.item_emb(pos), self.item_emb(neg)
-        loss = -F.logsigmoid((u * p).sum(-1) - (u * n).sum(-1)).mean()
+        u = self.user_emb(users)
+        # one lookup for positives and negatives: one dense item gradient instead of two
+        p, n = self.item_emb(torch.cat([pos, neg])).split(len(pos))
+        loss = -F.logsigmoid((u * (p - n)).sum(-1)).mean()
         if self.reg:
             loss = loss + self.reg * batch_l2(u, p, n)
         return loss

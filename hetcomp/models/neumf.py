@@ -88,13 +88,12 @@ class NeuMF(PairwiseModel, Recommender):
         users, pos, neg = batch
         if neg.dim() == 1:
             neg = neg.unsqueeze(1)
-        s_pos = self.pair_logits(users, pos)
-        s_neg = self.pair_logits(users, neg)
-        logits = torch.cat([s_pos, s_neg.reshape(-1)])
-        labels = torch.cat([torch.ones_like(s_pos), torch.zeros(s_neg.numel(), device=s_neg.device)])
+        items = torch.cat([pos.unsqueeze(1), neg], 1)  # [B, 1 + n_neg], positives first
+        logits = self.pair_logits(users, items)
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         if self.reg:
-            items = torch.cat([pos.unsqueeze(1), neg], 1)
             loss = loss + self.reg * (batch_l2(self.user_gmf(users), self.user_mlp(users))
                                       + batch_l2(self.item_gmf(items), self.item_mlp(items)) / items.shape[1])
         return loss
