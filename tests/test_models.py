@@ -29,7 +29,7 @@ SMALL = {
     "neumf": (dict(dim=16, mlp_dim=8, batch_size=128), 0.02, 30),
     "lightgcn": (dict(dim=16, batch_size=128), 0.02, 30),
     "vae": (dict(hidden=32, latent=16, batch_size=16, total_anneal_steps=20), 0.01, 30),
-    "iae": (dict(hidden=32, batch_size=16), 0.01, 30),
+    "iae": (dict(hidden=32, batch_size=16, loss_type="bce"), 0.01, 30),
 }
 
 
@@ -208,6 +208,7 @@ def test_cached_scores_follow_parameter_changes(name, tiny_split):
 
 
 def test_iae_multinomial_variant_learns(tiny_split):
+    """SMALL trains the BCE variant; the configured teacher uses the multinomial one."""
     torch.manual_seed(0)
     model = MODELS.get("iae")(tiny_split.n_users, tiny_split.n_items, hidden=32, batch_size=16,
                               loss_type="multinomial")

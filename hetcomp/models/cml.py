@@ -29,7 +29,7 @@ class CML(PairwiseModel, Recommender):
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, batch_size: int = 1024,
-                 n_neg: int = 10, margin: float = 0.5, init_std: float = 0.1):
+                 n_neg: int = 20, margin: float = 1.0, init_std: float = 0.1):
         super().__init__(n_users, n_items)
         self.dim = dim
         self.batch_size = batch_size

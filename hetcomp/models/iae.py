@@ -36,8 +36,8 @@ class ItemAE(Recommender):
     [B x hidden] x [hidden x n_items] product (no [n_items x n_users] matrix is stored).
     """
 
-    def __init__(self, n_users: int, n_items: int, hidden: int = 256, batch_size: int = 256,
-                 dropout: float = 0.5, loss_type: str = "bce"):
+    def __init__(self, n_users: int, n_items: int, hidden: int = 100, batch_size: int = 512,
+                 dropout: float = 0.5, loss_type: str = "multinomial"):
         super().__init__(n_users, n_items)
         if loss_type not in ("bce", "multinomial"):
             raise ValueError(f"loss_type must be 'bce' or 'multinomial', not {loss_type!r}")

@@ -78,10 +78,11 @@ class NeuMF(PairwiseModel, Recommender):
 
     def pair_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits of aligned (user, item) pairs (``items`` may have one more dim than ``users``)."""
-        if items.dim() == users.dim() + 1:
-            users = users.unsqueeze(-1).expand_as(items)
-        gmf = self.user_gmf(users) * self.item_gmf(items)
-        mlp = self._mlp(self.first_user(self.user_mlp(users)) + self.first_item(self.item_mlp(items)))
+        user_gmf, user_mlp = self.user_gmf(users), self.first_user(self.user_mlp(users))
+        if items.dim() == users.dim() + 1:  # each user's row of items: broadcast the user side
+            user_gmf, user_mlp = user_gmf.unsqueeze(-2), user_mlp.unsqueeze(-2)
+        gmf = user_gmf * self.item_gmf(items)
+        mlp = self._mlp(user_mlp + self.first_item(self.item_mlp(items)))
         return self.predict(torch.cat([gmf, mlp], -1)).squeeze(-1)
 
     def loss(self, batch) -> torch.Tensor:
