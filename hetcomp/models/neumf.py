@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import scipy.sparse as sp
 import torch
@@ -109,6 +108,6 @@ class NeuMF(PairwiseModel, Recommender):
         for start in range(0, len(users), chunk):
             hidden = (user_part[start:start + chunk, None, :] + item_part[None, :, :]).relu_()
             for layer in self.tower:
-                hidden = torch.nn.functional.linear(hidden, layer.weight, layer.bias).relu_()
+                hidden = F.linear(hidden, layer.weight, layer.bias).relu_()
             out[start:start + chunk] += hidden @ w_mlp
         return out

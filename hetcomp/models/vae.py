@@ -3,11 +3,9 @@ user-based autoencoder (AE) teacher."""
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetcomp.models.base import Recommender
