@@ -47,7 +47,7 @@ from hetcomp.data.store import Split
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import _flat_keys, top_unobserved
 from hetcomp.io import read_json
-from hetcomp.models.base import Recommender
+from hetcomp.models.base import Recommender, build_model
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,7 @@ def _instantiate(model_name: str, kwargs: dict, split: Split, state: dict, devic
 
     load_all()
     model_cls = MODELS.get(model_name)
-    try:
-        model = model_cls(split.n_users, split.n_items, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise HetCompError(f"{where}: cannot rebuild model {model_name!r} ({exc})") from None
-    model.to(device)
-    model.setup(split.train, device)
+    model = build_model(model_cls, split, kwargs, device, f"{where} ({model_name})")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -270,7 +270,6 @@ def test_rrd_training_items_never_in_rest(data):
     scores[:, split.train[0].indices] = 30.0     # user 0's training items score very high
     rrd = RRD(split, knowledge, fixed_student(split, scores), {"top_k": 5}, CPU)
     users = torch.tensor([0])
-    s = rrd.student.score(users)
     kd = rrd.kd_loss(users)
     n_rest = split.n_items - 5 - 5
     assert kd.item() == pytest.approx(sum(math.log(5 - k + n_rest) for k in range(5)), rel=1e-5)

@@ -309,7 +309,7 @@ def test_gpu_request_reaches_sbatch_and_the_scheduler(slurm_cluster, tmp_path):
     assert set(jobs) == {"on_gpu", "on_cpu"}, f"submissions: {jobs}"
     calls = re.findall(r"sbatch call: (.*)", log)
     gpu_calls = [c for c in calls if "--gpus=1" in c]
-    assert len(calls) == 2 and len(gpu_calls) == 1, f"sbatch calls:\n" + "\n".join(calls)
+    assert len(calls) == 2 and len(gpu_calls) == 1, "sbatch calls:\n" + "\n".join(calls)
     assert "-p debug" in gpu_calls[0]
     details = subprocess.run(["scontrol", "show", "job", "-d", jobs["on_gpu"]["slurm_jobid"]],
                              env=_clean_env(), capture_output=True, text=True).stdout

@@ -26,7 +26,7 @@ from hetcomp.data.store import load_split
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import Evaluator
 from hetcomp.io import atomic_output_dir
-from hetcomp.models.base import ModelTask
+from hetcomp.models.base import ModelTask, build_model
 from hetcomp.outputs import metrics_record, write_run_outputs
 from hetcomp.registry import MODELS
 from hetcomp.runtime import resolve_device, run_info, seed_everything
@@ -95,12 +95,7 @@ def run(args) -> int:
     loop, trajectory_settings, model_kwargs = split_config(resolved, model_cls, where)
     device = resolve_device(args.device)
     generator = seed_everything(args.seed)
-    try:
-        model = model_cls(split.n_users, split.n_items, **model_kwargs)
-    except (TypeError, ValueError) as exc:
-        raise HetCompError(f"{where}: cannot build the model ({exc})") from None
-    model.to(device)
-    model.setup(split.train, device)
+    model = build_model(model_cls, split, model_kwargs, device, where)
     recorder = TrajectoryRecorder(split.train, device=device, **trajectory_settings)
     evaluator = Evaluator(split, device=device)
     log.info("training %s on %s (%d users, %d items) with seed %d on %s", args.model,

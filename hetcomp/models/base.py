@@ -43,6 +43,42 @@ class Recommender(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class CachedScoring(Recommender):
+    """A recommender whose eval-mode scoring reuses derived tensors kept in ``self._cache``.
+
+    The cache is cleared after every optimiser step, on every mode change and when weights are
+    loaded, so it never outlives the parameters it was computed from.
+    """
+
+    def __init__(self, n_users: int, n_items: int):
+        super().__init__(n_users, n_items)
+        self._cache = None
+
+    def after_step(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def build_model(model_cls, split, kwargs: dict, device: torch.device, where: str) -> Recommender:
+    """Construct ``model_cls`` for ``split`` on ``device`` and hand it the training data."""
+    from hetcomp.errors import HetCompError
+
+    try:
+        model = model_cls(split.n_users, split.n_items, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise HetCompError(f"{where}: cannot build the model ({exc})") from None
+    model.to(device)
+    model.setup(split.train, device)
+    return model
+
+
 class ModelTask:
     """Adapts a ``Recommender`` to the training loop (``hetcomp.training.Task``)."""
 

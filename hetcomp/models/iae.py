@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetcomp.models.base import Recommender
+from hetcomp.models.base import CachedScoring
 from hetcomp.models.sampling import csr_tensors, gather_rows
 from hetcomp.registry import MODELS
 
 
 @MODELS.register("iae")
-class ItemAE(Recommender):
+class ItemAE(CachedScoring):
     """Reconstructs each item's user vector (a column of the training matrix) through one hidden layer.
 
     Args:
@@ -54,7 +54,6 @@ class ItemAE(Recommender):
         self.device = torch.device("cpu")
         self._cols = None
         self._cols_cpu = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, train: sp.csr_matrix, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -116,14 +115,3 @@ class ItemAE(Recommender):
         codes, shift = self._item_codes()
         users = users.to(codes.device)
         return (self.decoder.weight[users] @ codes.T) + self.decoder.bias[users, None] + shift
-
-    def after_step(self) -> None:
-        self._cache = None
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._cache = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)

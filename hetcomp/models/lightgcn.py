@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from hetcomp.models.base import Recommender
+from hetcomp.models.base import CachedScoring
 from hetcomp.models.sampling import PairwiseModel, batch_l2, normal_embedding
 from hetcomp.registry import MODELS
 
@@ -48,7 +48,7 @@ class _SymmetricSpMM(torch.autograd.Function):
 
 
 @MODELS.register("lightgcn")
-class LightGCN(PairwiseModel, Recommender):
+class LightGCN(PairwiseModel, CachedScoring):
     """K rounds of propagation over the normalised user-item graph; the final embedding is the
     mean of the K+1 layer embeddings; s(u, i) = <e_u, e_i>.
 
@@ -79,7 +79,6 @@ class LightGCN(PairwiseModel, Recommender):
         self.sampler = None
         self.adj: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.device = torch.device("cpu")
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, train: sp.csr_matrix, device: torch.device) -> None:
         self._setup_sampler(train, device)
@@ -118,14 +117,3 @@ class LightGCN(PairwiseModel, Recommender):
     def score(self, users: torch.Tensor) -> torch.Tensor:
         user_final, item_final = self.propagate()
         return user_final[users] @ item_final.T
-
-    def after_step(self) -> None:
-        self._cache = None
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._cache = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
