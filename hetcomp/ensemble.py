@@ -34,7 +34,7 @@ import torch
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import ScoreFn
 from hetcomp.io import read_json, write_json
-from hetcomp.knowledge import TeacherKnowledge, combine_rankings
+from hetcomp.knowledge import TeacherKnowledge, combine_rankings, ensemble_scores
 from hetcomp.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -103,26 +103,6 @@ def check_compatible(runs: Sequence[TeacherRun], n_users: int, n_items: int, tra
                 f"and {train_rank.shape[0]} train ranks vs {n_users} users and {train_nnz} interactions)")
         if topn.size and (topn.min() < 0 or topn.max() >= n_items):
             raise HetCompError(f"{run.run_dir}: trajectory of {run.name} has item ids outside [0, {n_items})")
-
-
-def importance(depth: int, temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``exp(-r / temperature)`` for ranks ``r = 0..depth-1`` (float32)."""
-    return torch.exp(-torch.arange(depth, dtype=torch.float32, device=device) / temperature)
-
-
-def ensemble_scores(lists: np.ndarray | torch.Tensor, n_items: int, temperature: float,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Dense ensemble scores ``[B, n_items]`` of per-teacher lists ``[T, B, N]`` (0 off the lists).
-
-    Its top-k equals ``combine_rankings`` of the same lists, up to the order of tied items.
-    """
-    lists = torch.as_tensor(np.asarray(lists) if not torch.is_tensor(lists) else lists)
-    lists = lists.to(device=device, dtype=torch.int64)
-    n_teachers, rows, depth = lists.shape
-    index = lists.permute(1, 0, 2).reshape(rows, n_teachers * depth)
-    weights = importance(depth, temperature, device).repeat(n_teachers).expand(rows, -1)
-    dense = torch.zeros(rows, n_items, device=device)
-    return dense.scatter_add_(1, index, weights.contiguous())
 
 
 def ensemble_score_fn(lists: np.ndarray, n_items: int, temperature: float,

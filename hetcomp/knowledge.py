@@ -62,6 +62,23 @@ class TeacherKnowledge:
         return np.stack([self.trajectories[t, selection[t], users] for t in range(self.n_teachers)])
 
 
+def importance(depth: int, temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``exp(-r / temperature)`` for ranks ``r = 0..depth-1`` (float32)."""
+    return torch.exp(-torch.arange(depth, dtype=torch.float32, device=device) / temperature)
+
+
+def ensemble_scores(lists: np.ndarray | torch.Tensor, n_items: int, temperature: float,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Dense ensemble scores ``[B, n_items]`` of per-teacher lists ``[T, B, N]`` (0 off the lists)."""
+    lists = torch.as_tensor(np.asarray(lists) if not torch.is_tensor(lists) else lists)
+    lists = lists.to(device=device, dtype=torch.int64)
+    n_teachers, rows, depth = lists.shape
+    index = lists.permute(1, 0, 2).reshape(rows, n_teachers * depth)
+    weights = importance(depth, temperature, device).repeat(n_teachers).expand(rows, -1)
+    dense = torch.zeros(rows, n_items, device=device)
+    return dense.scatter_add_(1, index, weights.contiguous())
+
+
 def combine_rankings(lists: np.ndarray, n_items: int, k: int, temperature: float = 10.0,
                      batch_size: int = 2048) -> np.ndarray:
     """Top-``k`` items of the rank-importance ensemble of ``lists [n_teachers, n_users, N]``.
@@ -70,16 +87,11 @@ def combine_rankings(lists: np.ndarray, n_items: int, k: int, temperature: float
     contributes ``exp(-r / temperature)``. Items in no list score 0 and can only fill the tail.
     Returns int32 ``[n_users, k]``.
     """
-    n_teachers, n_users, depth = lists.shape
-    weights = torch.exp(-torch.arange(depth, dtype=torch.float32) / temperature)
+    n_users = lists.shape[1]
     out = np.empty((n_users, k), dtype=np.int32)
     for start in range(0, n_users, batch_size):
-        chunk = torch.from_numpy(lists[:, start:start + batch_size].astype(np.int64))
-        rows = chunk.shape[1]
-        dense = torch.zeros(rows, n_items)
-        index = chunk.permute(1, 0, 2).reshape(rows, -1)
-        dense.scatter_add_(1, index, weights.repeat(n_teachers).expand(rows, -1).contiguous())
-        out[start:start + rows] = torch.topk(dense, k, dim=1).indices.numpy()
+        scores = ensemble_scores(lists[:, start:start + batch_size], n_items, temperature)
+        out[start:start + scores.shape[0]] = torch.topk(scores, k, dim=1).indices.numpy()
     return out
 
 
