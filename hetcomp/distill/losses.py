@@ -141,8 +141,10 @@ class _FactorizedRestLogMass(torch.autograd.Function):
     ``m_b = |p_b| * max_j |q_j|`` is at most ``min(c, 40)`` for every row, no score can reach the
     clamp, the bound itself is the shift (``s - m_b >= -80``: ``exp`` stays a normal float32) and no
     extra pass is needed (the usual case for a small student with weight decay). Otherwise the
-    scores are clamped explicitly, the shift is the true row maximum, and clamped entries get
-    zero gradient (as ``torch.clamp`` gives them).
+    shift is the row maximum: with a clamp ``c <= 40`` the maximum before exclusion (all scores lie
+    in ``[-c, c]``, so ``s - m_b >= -80`` still), else the maximum of the kept entries. Scores are
+    clamped explicitly only in a block where one passes the clamp (one ``aminmax`` per block
+    tells), and clamped entries get zero gradient (as ``torch.clamp`` gives them).
     Backward, per block, from the kept ``E = exp(s - m)`` (never rescaled in place):
     ``dP = (g / Z) * (E Q)``, ``dQ^T += ((g / Z) * P)^T E``. With a ``Workspace`` the next forward
     reuses ``E``'s memory, so backpropagate each result before computing the next one.
@@ -177,17 +179,22 @@ class _FactorizedRestLogMass(torch.autograd.Function):
                 j, last = first // step, min(first + step, n_rows)
                 block = out[first:last]
                 torch.mm(lhs[first:last], rhs, out=block)
-                clipped = None
+                clipped = peak = None
                 if not fast and clamp is not None:
-                    clipped = (block > clamp) | (block < -clamp)
-                    block.clamp_(-clamp, clamp)
+                    low, high = torch.aminmax(block)   # whole block: far cheaper than per row
+                    if bool(high > clamp) or bool(low < -clamp):
+                        clipped = (block > clamp) | (block < -clamp)
+                        block.clamp_(-clamp, clamp)
+                    if clamp <= _SAFE_SHIFT:   # scores in [-c, c]: s - (max before exclusion) >= -80
+                        peak = block.amax(dim=1)
                 flat = block.view(-1)
                 for group, cut in zip(groups, cuts):
                     flat.index_fill_(0, group[cut[j]:cut[j + 1]] - first * n_items, -torch.inf)
                 if not fast:
-                    peak = block.amax(dim=1)
-                    # a row with nothing left would give -inf - -inf; any finite shift does there
-                    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+                    if peak is None:
+                        peak = block.amax(dim=1)
+                        # a row with nothing left would give -inf - -inf; any finite shift does there
+                        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
                     shift[first:last] = peak
                     block.sub_(peak[:, None])
                 block.exp_()
