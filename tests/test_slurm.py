@@ -275,6 +275,18 @@ def slurmctld_records(state: Path) -> dict[str, dict]:
     return records
 
 
+def test_slurmctld_records_read_both_schedulers(tmp_path):
+    """Jobs started by the main scheduler and by backfill both get their partition."""
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "slurmctld.log").write_text(
+        "[t] sched: Allocate JobId=3 NodeList=vm #CPUs=1 Partition=debug\n"
+        "[t] sched/backfill: _start_job: Started JobId=12 in gpu on vm\n"
+        "[t] _job_complete: JobId=3 WEXITSTATUS 0\n"
+        "[t] _job_complete: JobId=12 WEXITSTATUS 1\n")
+    assert slurmctld_records(tmp_path) == {"3": {"partition": "debug", "exit": 0},
+                                           "12": {"partition": "gpu", "exit": 1}}
+
+
 def write_summary(**entries):
     path = Path(os.environ.get("HETCOMP_SLURM_SUMMARY", ROOT / "build" / "slurm-test-summary.json"))
     summary = json.loads(path.read_text()) if path.is_file() else {}
