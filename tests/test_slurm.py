@@ -266,9 +266,9 @@ def slurmctld_records(state: Path) -> dict[str, dict]:
     text = (state / "log" / "slurmctld.log").read_text(errors="replace")
     # The main scheduler logs "Allocate JobId=N ... Partition=P"; the backfill scheduler logs
     # "Started JobId=N in P on NODES".
-    for job, partition in re.findall(r"sched: Allocate JobId=(\d+) .*Partition=(\S+)", text):
-        records.setdefault(job, {})["partition"] = partition
-    for job, partition in re.findall(r"Started JobId=(\d+) in (\S+) on ", text):
+    starts = (re.findall(r"sched: Allocate JobId=(\d+) .*Partition=(\S+)", text)
+              + re.findall(r"Started JobId=(\d+) in (\S+) on ", text))
+    for job, partition in starts:
         records.setdefault(job, {})["partition"] = partition
     for job, status in re.findall(r"_job_complete: JobId=(\d+) WEXITSTATUS (\d+)", text):
         records.setdefault(job, {})["exit"] = int(status)
