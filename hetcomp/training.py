@@ -113,8 +113,9 @@ def fit(task: Task, evaluator: Evaluator, config: LoopConfig, generator: torch.G
                 stale += 1
             record.update(task.after_epoch(epoch) or {})
             history.append(record)
-            log.info("epoch %d loss %.4f valid %s %.4f (best %.4f @ %d)", epoch, sum(losses.values()),
-                     config.select_metric, valid[config.select_metric], best[0], best[1])
+            log.info("epoch %d loss %.4f valid %s %.4f (best %.4f @ %d), test %s %.4f", epoch,
+                     sum(losses.values()), config.select_metric, valid[config.select_metric], best[0],
+                     best[1], config.select_metric, test[config.select_metric])
             if stale >= config.patience:
                 break
         else:

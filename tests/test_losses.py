@@ -135,8 +135,9 @@ def test_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("block_bytes", [1 << 20, 500])     # one block; blocks of 2 rows
 # scale 0.5: the bound shift; 2.2: bound 45 > 40 but every score below 40 (no clamp pass); 3.0:
-# scores up to 70, clamped in some blocks
-@pytest.mark.parametrize("scale,clamp", [(0.5, 40.0), (2.2, 40.0), (3.0, 40.0), (3.0, 6.0), (3.0, None)])
+# scores up to 70, clamped in some blocks; a clamp above 40: the row-maximum shift, clamped too
+@pytest.mark.parametrize("scale,clamp", [(0.5, 40.0), (2.2, 40.0), (3.0, 40.0), (3.0, 6.0), (3.0, None),
+                                         (4.0, 50.0)])
 def test_factorized_rest_mass_equals_reference(scale, clamp, block_bytes, monkeypatch):
     monkeypatch.setattr(losses, "_BLOCK_BYTES", block_bytes)
     rng = np.random.RandomState(2)

@@ -83,6 +83,8 @@ class Workspace:
 #: Largest bound usable as the shift: scores in [m - 2m, m] give exp(s - m) >= e^-80, still a
 #: normal float32 (e^-87.3 is the smallest).
 _SAFE_SHIFT = 40.0
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
 #: On the CPU the ``[B, n_items]`` block is processed in row blocks of about this many bytes (one
 #: core's L2 cache), so that the matmul, the exp and the sum of a block run while it is cached.
 _BLOCK_BYTES = 1 << 20
@@ -135,16 +137,20 @@ class _FactorizedRestLogMass(torch.autograd.Function):
     """``log sum_{j not excluded} exp(clamp(p_b . q_j, -c, c))`` for every row ``b``.
 
     Forward, per block of rows (CPU: about 1 MB, so it stays in cache, blocks spread over the
-    threads; GPU: one block): the matmul ``[P, -m] @ [Q, 1]^T`` writes the shifted scores
-    ``s - m_b``, excluded entries are set to ``-inf``, one in-place ``exp``, one row sum. The shift
-    ``m_b`` is an upper bound of the row's (clamped) scores; when the Cauchy-Schwarz bound
-    ``m_b = |p_b| * max_j |q_j|`` is at most ``min(c, 40)`` for every row, no score can reach the
-    clamp, the bound itself is the shift (``s - m_b >= -80``: ``exp`` stays a normal float32) and no
-    extra pass is needed (the usual case for a small student with weight decay). Otherwise the
-    shift is the row maximum: with a clamp ``c <= 40`` the maximum before exclusion (all scores lie
-    in ``[-c, c]``, so ``s - m_b >= -80`` still), else the maximum of the kept entries. Scores are
-    clamped explicitly only in a block where one passes the clamp (one ``aminmax`` per block
-    tells), and clamped entries get zero gradient (as ``torch.clamp`` gives them).
+    threads; GPU: one block): one matmul writes the scores in base-2 units, ``(s - m_b) log2(e)``,
+    excluded entries are set to ``-inf``, one in-place ``exp2`` (several times faster than ``exp``
+    on the CPU) and one row sum. The shift ``m_b`` is an upper bound of the row's clamped scores,
+    known before the matmul (it is folded into it as an extra column) whenever possible:
+
+    - with a clamp ``c <= 40``: ``m_b = min(|p_b| max_j |q_j|, c)`` (Cauchy-Schwarz). Clamped
+      scores lie in ``[-c, m_b]``, so the shifted ones lie in ``[-2c, 0]`` (``exp`` stays a normal
+      float32) and the clamp is exactly ``clamp(s - m_b, -2c, 0)`` on the block. It is applied
+      only in a block with a row whose bound passes ``c`` and an entry outside that range (one
+      ``aminmax`` tells);
+    - with no clamp (or ``c > 40``), while every bound is at most 40: ``m_b`` = the bound;
+    - otherwise ``m_b`` is the maximum of the row's kept (clamped) entries: an extra pass.
+
+    Clamped entries get zero gradient (as ``torch.clamp`` gives them).
     Backward, per block, from the kept ``E = exp(s - m)`` (never rescaled in place):
     ``dP = (g / Z) * (E Q)``, ``dQ^T += ((g / Z) * P)^T E``. With a ``Workspace`` the next forward
     reuses ``E``'s memory, so backpropagate each result before computing the next one.
@@ -156,17 +162,24 @@ class _FactorizedRestLogMass(torch.autograd.Function):
         n_rows, n_items = users.shape[0], items.shape[0]
         out = (workspace.get(n_rows, n_items, users) if workspace is not None
                else users.new_empty(n_rows, n_items))
-        limit = _SAFE_SHIFT if clamp is None else min(clamp, _SAFE_SHIFT)
+        step = _block_rows(n_rows, n_items, users)
         bound = users.norm(dim=1) * items.norm(dim=1).max() if n_items else users.new_zeros(n_rows)
-        fast = n_rows > 0 and bool(bound.max() <= limit)
-        if fast:
-            shift = bound
-            lhs = torch.cat([users, -shift[:, None]], 1)
+        clamp_bounds_shift = clamp is not None and clamp <= _SAFE_SHIFT
+        known = n_rows > 0 and (clamp_bounds_shift or bool(bound.max() <= _SAFE_SHIFT))
+        may_clamp: set[int] = set()     # blocks with a row whose bound passes the clamp
+        if known:
+            shift = bound.clamp(max=clamp) if clamp_bounds_shift else bound
+            if clamp_bounds_shift:
+                may_clamp = set((torch.nonzero(bound > clamp).flatten() // step).tolist())
+            lhs = torch.cat([users, -shift[:, None]], 1) * _LOG2E
             rhs = torch.cat([items, items.new_ones(n_items, 1)], 1).T.contiguous()
+            low_limit, high_limit = -2 * clamp * _LOG2E if clamp_bounds_shift else None, 0.0
         else:
             shift = users.new_empty(n_rows)
-            lhs, rhs = users, items.T.contiguous()
-        step = _block_rows(n_rows, n_items, users)
+            lhs, rhs = users * _LOG2E, items.T.contiguous()
+            if clamp is not None:
+                low_limit, high_limit = -clamp * _LOG2E, clamp * _LOG2E
+                may_clamp = set(range(0, n_rows // step + 1))
         groups = _grouped(exclude)
         cuts = []
         for group in groups:   # each group is ordered by row: searchsorted finds each block's slice
@@ -180,30 +193,28 @@ class _FactorizedRestLogMass(torch.autograd.Function):
                 j, last = first // step, min(first + step, n_rows)
                 block = out[first:last]
                 torch.mm(lhs[first:last], rhs, out=block)
-                passed = peak = None
-                if not fast and clamp is not None:
+                passed = None
+                if j in may_clamp:
                     low, high = torch.aminmax(block)   # whole block: far cheaper than per row
-                    if bool(high > clamp) or bool(low < -clamp):
-                        # 1.0 where the clamp passes the gradient (|s| <= c), else 0.0: float ops
-                        # are several times faster than boolean masks here
+                    if bool(high > high_limit) or bool(low < low_limit):
+                        # 1.0 where the clamp passes the gradient, else 0.0: float ops are
+                        # several times faster than boolean masks here
                         if scratch is None:
                             scratch = block.new_empty(step * n_items)
                         passed = scratch[:block.numel()].view_as(block)
-                        torch.le(torch.abs(block, out=passed), clamp, out=passed)
-                        block.clamp_(-clamp, clamp)
-                    if clamp <= _SAFE_SHIFT:   # scores in [-c, c]: s - (max before exclusion) >= -80
-                        peak = block.amax(dim=1)
+                        torch.sub(block, (low_limit + high_limit) / 2, out=passed).abs_()
+                        passed.le_((high_limit - low_limit) / 2)
+                        block.clamp_(low_limit, high_limit)
                 flat = block.view(-1)
                 for group, cut in zip(groups, cuts):
                     flat.index_fill_(0, group[cut[j]:cut[j + 1]] - first * n_items, -torch.inf)
-                if not fast:
-                    if peak is None:
-                        peak = block.amax(dim=1)
-                        # a row with nothing left would give -inf - -inf; any finite shift does there
-                        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-                    shift[first:last] = peak
+                if not known:
+                    peak = block.amax(dim=1)
+                    # a row with nothing left would give -inf - -inf; any finite shift does there
+                    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+                    shift[first:last] = peak * _LN2
                     block.sub_(peak[:, None])
-                block.exp_()
+                block.exp2_()
                 torch.sum(block, dim=1, out=total[first:last])
                 if passed is not None:
                     block.mul_(passed)
