@@ -9,7 +9,7 @@ knowledge, with the choice documented here:
 one relaxed-ranking (RRD, Kang et al., CIKM 2020) term per teacher ``t`` on that teacher's final
 list ``pi_t(u) = knowledge.trajectories[t, -1, u, :top_k]`` (default ``top_k`` 100, capped by the
 list depth N; no sampling, the HetComp convention), each against the rest of the user's
-non-training items (one ``logsumexp`` mass), combined with importance weights ``w_{u,t}``
+non-training items (one rest mass per teacher), combined with importance weights ``w_{u,t}``
 (``sum_t w_{u,t} = 1``). ``weighting`` selects them:
 
 - ``agreement`` (default): per-user, instance-adaptive weights recomputed every ``update_every``
@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.common import KDBaseline, masked_logsumexp, plackett_luce_loss
+from baselines.common import NEG, KDBaseline
+from hetcomp.distill.losses import plackett_luce
 from hetcomp.errors import HetCompError
 from hetcomp.registry import METHODS
 
@@ -107,28 +108,34 @@ class MTD(KDBaseline):
 
     def kd_loss(self, users):
         """Each teacher's rest set = non-training items outside its list = (outside the union of
-        all lists) + (union items outside its list): one catalogue-wide mass for the first part,
-        a ``logsumexp`` over the (deduplicated) union scores for the second; no subtraction."""
+        all lists) + (union items outside its list). The first part is one catalogue-wide mass;
+        the second is (mass of the distinct non-training union items) - (mass of list t's
+        non-training items, which are distinct), for every teacher at once, in float64 with one
+        shift per row (every term at most 1), clamped at 0. The lists are small next to the
+        catalogue, so the rounding of that difference is negligible beside the first part, and
+        the gradients of list t's own items cancel exactly."""
         lists = self.lists[:, users]                                      # [T, B, K]
         n_teachers, batch, length = lists.shape
         union = lists.permute(1, 0, 2).reshape(batch, n_teachers * length)
         union_valid = union >= 0
         union = union.clamp(min=0)
         outside_union = self.rest_log_mass(users, union, union_valid)
-        scores = self.item_scores(users, union)                           # [B, T*K]
-        counted = union_valid & first_occurrences(union, union_valid)
-        counted &= ~self.train_index.mask(users).gather(1, union)
-        total = scores.new_zeros(batch)
+        scores = self.item_scores(users, union)                           # [B, M], list t = slice t
+        kept = union_valid & ~self.train_index.mask(users).gather(1, union)
+        s = scores.double()
+        shift = s.masked_fill(~union_valid, -torch.inf).amax(1, keepdim=True).detach()
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        weight = torch.exp(s - shift)
+        union_mass = (weight * (kept & first_occurrences(union, union_valid))).sum(1, keepdim=True)
+        list_mass = (weight * kept).view(batch, n_teachers, length).sum(2)        # [B, T]
+        mass = (union_mass - list_mass).clamp(min=0)
+        log_others = torch.where(mass > 0, mass.clamp(min=torch.finfo(mass.dtype).tiny).log() + shift,
+                                 torch.full_like(mass, NEG))
+        rest = torch.logaddexp(outside_union.double().unsqueeze(1), log_others)   # [B, T]
+        per_list = plackett_luce(scores.view(batch * n_teachers, length), rest.reshape(-1),
+                                 union_valid.view(batch * n_teachers, length), log_floor=None)
         weights = self.weights[users].to(scores.dtype)
-        for t in range(n_teachers):
-            own = slice(t * length, (t + 1) * length)
-            member = torch.zeros(batch, self.split.n_items, dtype=torch.bool, device=union.device)
-            listed_rows, listed_cols = union_valid[:, own].nonzero(as_tuple=True)
-            member[listed_rows, union[:, own][listed_rows, listed_cols]] = True
-            others = counted & ~member.gather(1, union)                   # union items outside list t
-            rest = torch.logaddexp(outside_union, masked_logsumexp(scores, others))
-            total = total + weights[:, t] * plackett_luce_loss(scores[:, own], union_valid[:, own], rest)
-        return total.mean()
+        return (weights * per_list.view(batch, n_teachers)).sum(1).mean()
 
     def mean_weights(self) -> dict[str, float]:
         means = self.weights.mean(0).tolist()
