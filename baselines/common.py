@@ -173,12 +173,15 @@ def gumbel_topk(log_weights: torch.Tensor, n: int,
 
 @torch.no_grad()
 def student_rankings(score_fn, train_index: TrainIndex, n_users: int, items: torch.Tensor | None,
-                     top: int, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     top: int, rank_cap: int | None = None,
+                     batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The student's ranking among each user's non-training items.
 
     Returns ``(top_items [n_users, top], ranks)``: the student's ``top`` best non-training items
     (``-1`` where a user has fewer) and, if ``items [n_users, K]`` is given, the 0-based rank of each
-    listed item (the number of non-training items the student scores strictly higher).
+    listed item (the number of non-training items the student scores strictly higher), capped at
+    ``rank_cap`` if given: ``min(rank, rank_cap)`` needs only the top ``rank_cap`` scores of a row
+    (one ``topk``), not a sort of the whole row.
     """
     device = train_index.indptr.device
     tops, ranks = [], []
@@ -187,13 +190,15 @@ def student_rankings(score_fn, train_index: TrainIndex, n_users: int, items: tor
         scores = score_fn(users).float()
         scores = scores.masked_fill(train_index.mask(users), -torch.inf)
         k = min(top, scores.shape[1])
-        best = torch.topk(scores, k, dim=1)
-        tops.append(best.indices.masked_fill(~torch.isfinite(best.values), -1))
+        depth = k if items is None else min(max(k, rank_cap or scores.shape[1]), scores.shape[1])
+        best = torch.topk(scores, depth, dim=1)
+        tops.append(best.indices[:, :k].masked_fill(~torch.isfinite(best.values[:, :k]), -1))
         if items is not None:
             chunk = items[start:start + len(users)].to(device)
-            ascending = torch.sort(scores, dim=1).values
+            ascending = best.values.flip(1)
             query = scores.gather(1, chunk.clamp(min=0)).contiguous()
-            ranks.append(scores.shape[1] - torch.searchsorted(ascending, query, right=True))
+            rank = depth - torch.searchsorted(ascending, query, right=True)
+            ranks.append(rank if rank_cap is None else rank.clamp(max=rank_cap))
     return torch.cat(tops), (torch.cat(ranks) if items is not None else None)
 
 
@@ -308,11 +313,12 @@ class KDBaseline(Distiller):
         """The final ensemble's top-K ``(items [B, K], valid [B, K])`` for ``users``."""
         return self.topk[users], self.topk_valid[users]
 
-    def rankings(self, items: torch.Tensor | None, top: int):
+    def rankings(self, items: torch.Tensor | None, top: int, rank_cap: int | None = None):
         was_training = self.student.training
         self.student.train(False)
         try:
-            return student_rankings(self.student.score, self.train_index, self.split.n_users, items, top)
+            return student_rankings(self.student.score, self.train_index, self.split.n_users, items, top,
+                                    rank_cap)
         finally:
             self.student.train(was_training)
 

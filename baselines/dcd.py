@@ -31,6 +31,8 @@ lambda * KD ~ 0.5 against BPR ~ 0.69.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -81,6 +83,10 @@ class DCD(KDBaseline):
         self.under = torch.full((n_users, self.top_k), -1, dtype=torch.long, device=self.device)
         self.over = torch.full((n_users, self.top_k), -1, dtype=torch.long, device=self.device)
         self.updated_at: int | None = None
+        # Student ranks only matter up to where every weight is exact: an item ranked r_S >= cap
+        # by the student has d >= cap - top_k + 1 > 20 T, and tanh(d / T) is 1.0 in float64 (the
+        # unsampled rule only needs d's sign, for which top_k is enough).
+        self.rank_cap = self.top_k + int(math.ceil(20 * float(self.cfg["discrepancy_temperature"])))
 
     @property
     def needs_generator(self) -> bool:  # type: ignore[override]
@@ -98,7 +104,7 @@ class DCD(KDBaseline):
     @torch.no_grad()
     def update_corrections(self, epoch: int) -> None:
         """Recompute the under-/over-estimated items of every user from the current student."""
-        student_top, student_rank = self.rankings(self.topk, self.top_k)
+        student_top, student_rank = self.rankings(self.topk, self.top_k, self.rank_cap)
         for start in range(0, len(student_top), 1024):
             rows = slice(start, start + 1024)
             under_d, over_d = correction_sets(self.topk[rows], self.topk_valid[rows],

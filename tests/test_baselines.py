@@ -14,8 +14,8 @@ import yaml
 
 from baselines.cd import CD, rank_soft_labels
 from baselines.cldrd import CLDRD
-from baselines.common import (NEG, group_ends, groupwise_loss, mark_items, masked_logsumexp, method_config,
-                              plackett_luce_loss, soft_bce_loss, weighted_logsigmoid_loss)
+from baselines.common import (NEG, TrainIndex, group_ends, groupwise_loss, mark_items, masked_logsumexp, method_config,
+                              plackett_luce_loss, soft_bce_loss, student_rankings, weighted_logsigmoid_loss)
 from baselines.dcd import DCD
 from baselines.mtd import MTD, first_occurrences, top_overlap
 from baselines.rd import RD, hybrid_weights, position_weights
@@ -332,6 +332,24 @@ def test_dcd_correction_sets_hand_case():
     assert dcd.under[0].tolist() == [-1] * 4 and dcd.over[0].tolist() == [-1] * 4
     assert info == {"dcd_under": 0.0, "dcd_over": 0.0} and dcd.updated_at == 0
     assert dcd.kd_loss(users).item() == 0.0
+
+
+def test_capped_student_ranks_equal_exact_ranks_below_the_cap():
+    rng = np.random.RandomState(5)
+    n_users, n_items = 7, 60
+    scores = torch.from_numpy(np.round(rng.randn(n_users, n_items), 1).astype(np.float32))   # ties
+    train = to_csr(rng.randint(0, n_users, 40), rng.randint(0, n_items, 40), (n_users, n_items))
+    index = TrainIndex(train, CPU)
+    items = torch.from_numpy(rng.randint(0, n_items, (n_users, 12)))
+    score_fn = lambda users: scores[users]
+    top, exact = student_rankings(score_fn, index, n_users, items, 5)
+    kept = scores.masked_fill(index.mask(torch.arange(n_users)), -torch.inf)
+    naive = (kept.unsqueeze(1) > kept.gather(1, items).unsqueeze(2)).sum(2)
+    assert torch.equal(exact, naive)
+    for cap in (3, 12, 200):
+        capped_top, capped = student_rankings(score_fn, index, n_users, items, 5, rank_cap=cap, batch_size=3)
+        assert torch.equal(capped, naive.clamp(max=cap))
+        assert torch.equal(kept.gather(1, capped_top), kept.gather(1, top))    # ties may swap ids
 
 
 def test_dcd_sampled_corrections_hand_case():
