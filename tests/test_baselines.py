@@ -14,8 +14,9 @@ import yaml
 
 from baselines.cd import CD, rank_soft_labels
 from baselines.cldrd import CLDRD
-from baselines.common import (NEG, TrainIndex, group_ends, groupwise_loss, mark_items, masked_logsumexp, method_config,
-                              plackett_luce_loss, soft_bce_loss, student_rankings, weighted_logsigmoid_loss)
+from baselines.common import (NEG, TrainIndex, group_ends, groupwise_loss, mark_items, masked_logsumexp,
+                              method_config, plackett_luce_loss, soft_bce_loss, student_rankings,
+                              weighted_logsigmoid_loss)
 from baselines.dcd import DCD
 from baselines.mtd import MTD, first_occurrences, top_overlap
 from baselines.rd import RD, hybrid_weights, position_weights
@@ -347,7 +348,8 @@ def test_capped_student_ranks_equal_exact_ranks_below_the_cap():
     naive = (kept.unsqueeze(1) > kept.gather(1, items).unsqueeze(2)).sum(2)
     assert torch.equal(exact, naive)
     for cap in (3, 12, 200):
-        capped_top, capped = student_rankings(score_fn, index, n_users, items, 5, rank_cap=cap, batch_size=3)
+        capped_top, capped = student_rankings(score_fn, index, n_users, items, 5, rank_cap=cap,
+                                              batch_size=3)
         assert torch.equal(capped, naive.clamp(max=cap))
         assert torch.equal(kept.gather(1, capped_top), kept.gather(1, top))    # ties may swap ids
 
