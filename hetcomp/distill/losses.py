@@ -83,8 +83,9 @@ class Workspace:
 #: Largest bound usable as the shift: scores in [m - 2m, m] give exp(s - m) >= e^-80, still a
 #: normal float32 (e^-87.3 is the smallest).
 _SAFE_SHIFT = 40.0
-_LOG2E = 1.0 / math.log(2.0)
+#: exp(x) = exp2(x * log2(e)): scores are computed in base-2 units for the faster exp2.
 _LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
 #: On the CPU the ``[B, n_items]`` block is processed in row blocks of about this many bytes (one
 #: core's L2 cache), so that the matmul, the exp and the sum of a block run while it is cached.
 _BLOCK_BYTES = 1 << 20
@@ -169,11 +170,11 @@ class _FactorizedRestLogMass(torch.autograd.Function):
         may_clamp: set[int] = set()     # blocks with a row whose bound passes the clamp
         if known:
             shift = bound.clamp(max=clamp) if clamp_bounds_shift else bound
-            if clamp_bounds_shift:
+            if clamp_bounds_shift:   # shifted clamped scores lie in [-2c, 0]
                 may_clamp = set((torch.nonzero(bound > clamp).flatten() // step).tolist())
+                low_limit, high_limit = -2 * clamp * _LOG2E, 0.0
             lhs = torch.cat([users, -shift[:, None]], 1) * _LOG2E
             rhs = torch.cat([items, items.new_ones(n_items, 1)], 1).T.contiguous()
-            low_limit, high_limit = -2 * clamp * _LOG2E if clamp_bounds_shift else None, 0.0
         else:
             shift = users.new_empty(n_rows)
             lhs, rhs = users * _LOG2E, items.T.contiguous()
