@@ -288,7 +288,11 @@ class KDBaseline(Distiller):
     def item_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The student's scores ``[B, M]`` of ``items [B, M]`` (valid ids) for ``users [B]``."""
         if self.factorized:
-            return torch.einsum("bd,bkd->bk", self.student.user_emb(users), self.student.item_emb(items))
+            # index_select, not the embedding call: the same gradient sums, but its backward
+            # (index_add_) is ~5x faster on CPU than embedding_dense_backward for [B, M] lists
+            item_vectors = self.student.item_emb.weight.index_select(0, items.flatten())
+            return torch.einsum("bd,bkd->bk", self.student.user_emb(users),
+                                item_vectors.view(*items.shape, -1))
         return self._full(users).gather(1, items)
 
     def rest_log_mass(self, users: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
