@@ -95,6 +95,16 @@ def test_full_default_grid_dry_run_resolves_quickly(tmp_path):
     assert elapsed < 120, f"dry run took {elapsed:.0f} s"
 
 
+def test_two_core_citeulike_config_dry_run_is_the_one_seed_grid(tmp_path):
+    """config/citeulike-2core.yaml (results/README.md) layers on the default: every job of one seed."""
+    result = snakemake("-n", "--configfile", "config/citeulike-2core.yaml", *isolated(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.update(yaml.safe_load((ROOT / "config" / "citeulike-2core.yaml").read_text()))
+    assert (config["datasets"], config["seeds"]) == (["citeulike-t"], [0])
+    assert job_counts(result.stdout + result.stderr) == expected_counts(config)
+
+
 def test_partial_targets_exist():
     result = snakemake("--list-target-rules")
     assert result.returncode == 0, result.stderr[-3000:]
