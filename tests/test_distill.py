@@ -152,7 +152,7 @@ def _naive_batch_loss(distiller, users, phase):
 
         if phase == 1:
             z = rest(set(top))
-            total += sum(-math.log(max(math.exp(s[a]) / (math.exp(s[a]) + z), floor)) for a in obs + top)
+            total += sum(-math.log(math.exp(s[a]) / max(math.exp(s[a]) + z, floor)) for a in obs + top)
         else:
             p = distiller.prefixes
             total += pl(obs, rest(set(top[:p[0]])))

@@ -44,14 +44,17 @@ def _naive_rest(s, train_u, excluded):
     return sum(math.exp(s[j]) for j in range(len(s)) if j not in train_u and j not in excluded)
 
 
-def _naive_overall(scores, train, observed, top):
+def _naive_overall(scores, train, observed, top, floor_on="denominator"):
+    """The official formula: -log(e^s / max(e^s + Z, 1e-5)); or with the ratio floored."""
     total = 0.0
     for u in range(scores.shape[0]):
         s = scores[u].tolist()
         z = _naive_rest(s, set(train[u]), set(top[u].tolist()))
         for a in [i for i in observed[u].tolist() if i >= 0] + top[u].tolist():
-            ratio = math.exp(s[a]) / (math.exp(s[a]) + z)
-            total += -math.log(max(ratio, FLOOR))
+            if floor_on == "denominator":
+                total += -math.log(math.exp(s[a]) / max(math.exp(s[a]) + z, FLOOR))
+            else:
+                total += -math.log(max(math.exp(s[a]) / (math.exp(s[a]) + z), FLOOR))
     return total
 
 
@@ -75,11 +78,11 @@ def _naive_rank(scores, train, observed, top, prefixes):
     return total
 
 
-def _vector_overall(scores, train, observed, top):
+def _vector_overall(scores, train, observed, top, floor_on="denominator"):
     log_rest = rest_log_mass(scores, _exclude_mask(train, top, scores.shape[1]))
     items = torch.cat([observed.clamp(min=0), top], 1)
     mask = torch.cat([observed >= 0, torch.ones_like(top, dtype=torch.bool)], 1)
-    return overall_loss(scores.gather(1, items), mask, log_rest, FLOOR)
+    return overall_loss(scores.gather(1, items), mask, log_rest, FLOOR, floor_on)
 
 
 def _vector_rank(scores, train, observed, top, prefixes):
@@ -95,14 +98,33 @@ def test_overall_loss_matches_naive_loop(scale):
     assert _vector_overall(scores, train, observed, top).item() == pytest.approx(expected, rel=1e-10)
 
 
-def test_overall_loss_floor_binds_like_the_official_clamp():
+@pytest.mark.parametrize("clamp", [40.0])
+def test_overall_loss_is_the_official_formula_at_the_clamp(clamp):
+    """Scores at the +-40 clamp: the official denominator floor never binds, every term keeps its
+    gradient, and the loss equals the float64 naive formula."""
     scores, train, observed, top = _problem(scale=1.0)
-    scores[0, top[0, 0]] = -30.0                 # ratio far below 1e-5
+    scores[0, top[0, 0]] = -clamp                # ratio ~ e^-40, far below 1e-5
+    scores[1, top[1, 1]] = clamp
+    scores[2, :] = scores[2, :].sign() * clamp   # a whole row at the clamp
     expected = _naive_overall(scores, train, observed, top)
     scores.requires_grad_(True)
     loss = _vector_overall(scores, train, observed, top)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     loss.backward()
+    assert scores.grad[0, top[0, 0]].item() == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_ratio_floor_option_differs_where_it_binds():
+    scores, train, observed, top = _problem(scale=1.0)
+    official = _vector_overall(scores, train, observed, top).item()
+    assert _vector_overall(scores, train, observed, top, "ratio").item() == pytest.approx(official, rel=1e-12)
+    scores[0, top[0, 0]] = -30.0                 # ratio far below 1e-5: the cap binds
+    expected = _naive_overall(scores, train, observed, top, "ratio")
+    scores.requires_grad_(True)
+    capped = _vector_overall(scores, train, observed, top, "ratio")
+    assert capped.item() == pytest.approx(expected, rel=1e-10)
+    assert capped.item() < _vector_overall(scores.detach(), train, observed, top).item() - 10
+    capped.backward()
     assert scores.grad[0, top[0, 0]].item() == 0.0
 
 

@@ -85,6 +85,7 @@ class HetComp(Distiller):
         "dkc_eps": 1e-12,
         "score_clamp": 40.0,
         "log_floor": 1e-5,
+        "floor_on": "denominator",
     }
 
     def __init__(self, split, knowledge, student, config, device):
@@ -110,6 +111,9 @@ class HetComp(Distiller):
             raise HetCompError("hetcomp: dkc_period must be >= 1")
         self.clamp = None if cfg["score_clamp"] is None else float(cfg["score_clamp"])
         self.log_floor = None if cfg["log_floor"] is None else float(cfg["log_floor"])
+        self.floor_on = str(cfg["floor_on"])
+        if self.floor_on not in ("denominator", "ratio"):
+            raise HetCompError(f"hetcomp: floor_on must be 'denominator' or 'ratio', got {self.floor_on!r}")
         self.weights = {"overall": float(cfg["overall_weight"]), "rank": float(cfg["rank_weight"])}
 
         self.dkc = DynamicKnowledgeConstruction(
@@ -186,7 +190,7 @@ class HetComp(Distiller):
         n_obs = observed.shape[1]
         if self.phase == 1:
             mask = torch.cat([observed_mask, torch.ones_like(targets, dtype=torch.bool)], 1)
-            loss = overall_loss(scores, mask, log_rest, self.log_floor)
+            loss = overall_loss(scores, mask, log_rest, self.log_floor, self.floor_on)
             return {"overall": self.weights["overall"] * loss}
         loss = rank_loss(scores[:, :n_obs], observed_mask, scores[:, n_obs:], log_rest, self.prefixes,
                          self.log_floor)

@@ -14,10 +14,10 @@ Both are **summed** over users and items (the official code's reduction, so its 
 loss weights 0.01 / 0.005 carry over). Everything is computed in log space (``logsumexp``,
 shifted suffix sums, ``softplus``, ``logaddexp``); nothing is exponentiated unshifted and divided.
 
-The official code floors each log argument at ``1e-5`` (``log_floor``). In log space that is
-exactly ``min(softplus(log Z - s), -log 1e-5)`` for the overall loss (the floor is on the ratio:
-its gradient vanishes beyond it, as with the official ``clamp``), and ``max(log D_k, log 1e-5)``
-for each Plackett-Luce denominator. ``log_floor=None`` disables both.
+The official code floors each denominator at ``1e-5`` (``log_floor``): ``max(log D, log 1e-5)`` in
+log space, for the phase-1 denominator ``e^{s} + Z`` and for each Plackett-Luce denominator. With
+realistic scores it never binds. ``log_floor=None`` disables it. ``overall_loss`` also offers a floor
+on the *ratio* (``floor_on="ratio"``), which caps each phase-1 term; it is not the official formula.
 
 Rest masses of a nested prefix never subtract: ``Z(T[:m]) = Z(T) + sum_{j in T[m:]} e^{s_j}``
 is computed as ``logaddexp(log Z(T), logsumexp(s[T[m:]]))``.
@@ -282,17 +282,29 @@ def _floor(log_floor: float | None) -> float | None:
 
 
 def overall_loss(target_scores: torch.Tensor, target_mask: torch.Tensor | None, log_rest: torch.Tensor,
-                 log_floor: float | None = 1e-5) -> torch.Tensor:
+                 log_floor: float | None = 1e-5, floor_on: str = "denominator") -> torch.Tensor:
     """Phase-1 loss, summed: ``sum_{b, a valid} -log(e^{s_ba} / (e^{s_ba} + Z_b))``.
 
     ``target_scores [B, M]``: the student's scores of the targets (observed list then top-K list),
     ``target_mask [B, M]``: the real entries (padded observed entries are False; ``None``: all),
-    ``log_rest [B]``: ``log Z_b(T_b)``. Each term is capped at ``-log(log_floor)``.
+    ``log_rest [B]``: ``log Z_b(T_b)``.
+
+    ``floor_on="denominator"`` (the official formula): the denominator ``e^{s_ba} + Z_b`` is floored
+    at ``log_floor``, ``term = max(log(e^{s} + Z), log floor) - s``; it never binds for realistic
+    scores. ``floor_on="ratio"`` (a variant, not the official code): the ratio is floored, which caps
+    every term at ``-log(log_floor)`` with zero gradient beyond the cap.
     """
-    terms = F.softplus(log_rest.unsqueeze(1) - target_scores)
+    s = target_scores
     floor = _floor(log_floor)
-    if floor is not None:
-        terms = terms.clamp(max=-floor)
+    if floor is None or floor_on == "denominator":
+        log_denominator = torch.logaddexp(s, log_rest.unsqueeze(1))
+        if floor is not None:
+            log_denominator = log_denominator.clamp(min=floor)
+        terms = log_denominator - s
+    elif floor_on == "ratio":
+        terms = F.softplus(log_rest.unsqueeze(1) - s).clamp(max=-floor)
+    else:
+        raise ValueError(f"floor_on must be 'denominator' or 'ratio', got {floor_on!r}")
     if target_mask is not None:
         terms = torch.where(target_mask, terms, torch.zeros_like(terms))
     return terms.sum()
