@@ -1,14 +1,13 @@
 # hetcomp-bench: the whole reproduction as one Snakemake DAG.
 #
-#   snakemake --cores 8                                  # the paper grid of config/config.yaml
-#   snakemake --cores 8 --config seeds=[0]               # one seed instead of five
+#   snakemake --cores all                                # one seed of CiteULike-t (config/config.yaml)
+#   snakemake --profile profiles/slurm --configfile config/paper.yaml   # the paper's grid, on a cluster
 #   snakemake --cores 2 --configfile .test/config.yaml   # the tiny end-to-end check (minutes, CPU)
-#   snakemake --profile profiles/slurm                   # on a SLURM cluster
 #   snakemake --report report.html                       # tables and figures with captions
 #
 # Partial targets: data, teachers, ensembles, runs, tables, figures (e.g. `snakemake --cores 4 teachers`).
 # Every rule calls the `hetcomp` command line with explicit paths; the rules hold no model logic.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -16,12 +15,11 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
 report: "workflow/report/workflow.rst"
 
 
+# common.smk first validates the config against workflow/schemas/config.schema.yaml (and fills
+# in the schema's defaults), then checks the raw data.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teachers.smk"
@@ -40,6 +38,10 @@ localrules:
     aggregate,
     report_tables,
     report_figures,
+
+
+onstart:
+    print_plan()
 
 
 rule all:

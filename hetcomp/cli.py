@@ -22,9 +22,11 @@ COMMANDS = {
     "train-teacher": "train_teacher",
     "build-ensemble": "build_ensemble",
     "distill": "distill",
+    "tune": "tune",
     "cost": "cost",
     "aggregate": "aggregate",
     "report": "report",
+    "record": "record",
 }
 
 

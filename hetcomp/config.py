@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,7 +96,56 @@ def coerce_number(value: Any, default: Any, key: str, where: str, nullable: bool
     return number
 
 
+#: Top-level key of a method YAML holding its validation grid (``hetcomp tune``).
+TUNE_KEY = "tune"
+#: The most points a ``tune`` grid may have (every point is one full training run).
+MAX_TUNE_POINTS = 6
+
+
+def split_tune(config: Mapping) -> tuple[dict, Any]:
+    """``(config without the tune key, the tune value or None)``."""
+    return {k: v for k, v in config.items() if k != TUNE_KEY}, config.get(TUNE_KEY)
+
+
+def grid_points(tune: Any, allowed: set[str] | Mapping, where: str) -> list[dict]:
+    """The points of a ``tune`` grid (``{key: [values]}``), in grid order.
+
+    Grid order is the product of the value lists in the order the keys are written, the first
+    key varying slowest. Keys must be in ``allowed``; at most ``MAX_TUNE_POINTS`` points.
+    """
+    if not isinstance(tune, Mapping) or not tune:
+        raise HetCompError(f"{where}: {TUNE_KEY} must be a mapping key -> list of values, got {tune!r}")
+    check_keys(tune, allowed, f"{where}: {TUNE_KEY}")
+    for key, values in tune.items():
+        if not isinstance(values, list) or not values:
+            raise HetCompError(f"{where}: {TUNE_KEY}.{key} must be a non-empty list of values, got {values!r}")
+    n_points = math.prod(len(values) for values in tune.values())
+    if n_points > MAX_TUNE_POINTS:
+        sizes = " x ".join(str(len(values)) for values in tune.values())
+        raise HetCompError(f"{where}: {TUNE_KEY} has {sizes} = {n_points} points; at most {MAX_TUNE_POINTS}")
+    keys = list(tune)
+    return [dict(zip(keys, values)) for values in itertools.product(*(tune[k] for k in keys))]
+
+
 def config_hash(config: Mapping) -> str:
     """A short stable hash of a JSON-serialisable config."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def apply_set(config: Mapping, pairs: list[str] | None) -> dict:
+    """``config`` with ``--set KEY=VALUE`` overrides applied (command-line tweaks of a YAML).
+
+    Values are read as YAML (``5``, ``1e-3``, ``true``, ``[1, 2]``, text). Keys are top-level
+    keys; the caller's strict key check rejects unknown ones.
+    """
+    merged = copy.deepcopy(dict(config))
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise HetCompError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set max_epochs=5")
+        try:
+            merged[key.strip()] = yaml.load(text, Loader=_Loader) if text.strip() else None
+        except yaml.YAMLError:
+            raise HetCompError(f"--set {pair!r}: cannot read the value as YAML") from None
+    return merged

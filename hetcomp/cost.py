@@ -24,7 +24,7 @@ from ``model.pt`` / ``student.pt``. As a check of the reload, the teachers' top-
 compared with the final checkpoint of their exported trajectory (``reload_agreement``).
 
 The same command also measures the **ranking discrepancy** between each student and every
-checkpoint of every teacher (HETCOMP_SPEC §4.6: ``1 - NDCG*`` of the student's top-50 against the
+checkpoint of every teacher (docs/METHOD.md, "DKC": ``1 - NDCG*`` of the student's top-50 against the
 checkpoint's top-50, position weights ``2^{exp(-t/10)} - 1``), averaged over the evaluated users
 (``discrepancy.csv``); the report plots it against the checkpoint.
 """
@@ -51,7 +51,7 @@ from hetcomp.models.base import Recommender, build_model
 
 log = logging.getLogger(__name__)
 
-#: Depth of the DKC discrepancy (HETCOMP_SPEC §4.6): the student's and the checkpoint's top-50.
+#: Depth of the DKC discrepancy (docs/METHOD.md, "DKC"): the student's and the checkpoint's top-50.
 DISCREPANCY_DEPTH = 50
 
 STUDENT_MODEL = "mf"
@@ -210,7 +210,7 @@ def batch_train_keys(train: sp.csr_matrix, users: np.ndarray, device: torch.devi
 
 
 # ------------------------------------------------------------------------------------------
-# Discrepancy (HETCOMP_SPEC §4.6)
+# Discrepancy (docs/METHOD.md, "DKC")
 # ------------------------------------------------------------------------------------------
 
 def ranking_discrepancy(student_top: np.ndarray, teacher_top: np.ndarray,

@@ -1,6 +1,6 @@
 """The heterogeneous-teacher ensemble, built from teacher trajectories (``hetcomp build-ensemble``).
 
-Importance (HETCOMP_SPEC §2.3): an item at 0-based rank ``r`` of a teacher's top-N list gets
+Importance (docs/METHOD.md, "Ensemble"): an item at 0-based rank ``r`` of a teacher's top-N list gets
 ``exp(-r / temperature)``; items outside the list get 0. The ensemble score of an item is the sum
 over teachers. Only ranks are stored; dense scores exist one user batch at a time.
 
@@ -12,7 +12,7 @@ What ``build_knowledge`` produces (``hetcomp.knowledge.TeacherKnowledge``):
   checkpoints (``K <= N``, so every entry is an item that some teacher listed, never a training item).
 - ``observed`` int32 ``[U, L]``: each user's training items ranked by the ensemble of the teachers'
   ``train_rank`` (importance ``exp(-train_rank / temperature)`` summed over teachers; ties by item
-  id), the first ``L`` of them. Padding (the open choice of HETCOMP_SPEC §4.4): users with fewer
+  id), the first ``L`` of them. Padding (an open choice, docs/METHOD.md "Losses"): users with fewer
   than ``L`` training items are padded with ``-1`` at the end of the row, i.e. a per-user mask
   ``observed >= 0``; items are never repeated and unobserved items never fill the row.
 

@@ -10,7 +10,7 @@ An ensemble directory (written by ``hetcomp build-ensemble``) holds ``knowledge.
 
 and ``meta.json`` (teacher names and source trajectories, checkpoint epochs, temperature, ...).
 The importance of an item ranked ``r`` (0-based) by a teacher is ``exp(-r / temperature)``; the
-ensemble score is the sum over teachers (HETCOMP_SPEC §2.3).
+ensemble score is the sum over teachers (docs/METHOD.md, "Teachers and their ensemble").
 """
 
 from __future__ import annotations

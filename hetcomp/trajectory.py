@@ -16,11 +16,12 @@ Selection policy (``select_checkpoints``)
     ``"even"`` (default): among the ``b`` evaluations up to and including the best epoch, take
     the ones at fractions 1/C, 2/C, ..., C/C of the way (position ``ceil(k * b / C) - 1`` for
     k = 1..C, 0-based), so the last checkpoint is the best epoch and the first one is about a
-    quarter of the way there for C = 4 (HETCOMP_SPEC §2.2, "1/4, 1/2, 3/4 of the best epoch,
-    plus the best epoch"). Positions are strictly increasing when ``b >= C``. When the run has
-    fewer evaluations than checkpoints (``b < C``) the positions repeat: each evaluation is used
-    for about ``C / b`` consecutive checkpoints, in order, and the last one is still the best
-    (e.g. b = 2, C = 4 -> evaluations 0, 0, 1, 1). The exported ``epochs`` then repeat as well.
+    quarter of the way there for C = 4 (docs/METHOD.md, "Teachers and trajectories": 1/4, 1/2,
+    3/4 of the best epoch, plus the best epoch). Positions are strictly increasing when
+    ``b >= C``. When the run has fewer evaluations than checkpoints (``b < C``) the positions
+    repeat: each evaluation is used for about ``C / b`` consecutive checkpoints, in order, and
+    the last one is still the best (e.g. b = 2, C = 4 -> evaluations 0, 0, 1, 1). The exported
+    ``epochs`` then repeat as well.
     ``"last"``: the C evaluations that end at the best one (repeating the first evaluation
     when there are fewer).
 
@@ -192,3 +193,10 @@ class TrajectoryRecorder:
                  len(set(chosen.tolist())), len(self.epochs), self.policy, trajectory.epochs.tolist())
         self.lists = []
         return trajectory
+
+    def extra_state(self) -> dict:
+        """The evaluations recorded so far, for a resumable checkpoint."""
+        return {"epochs": list(self.epochs), "lists": list(self.lists)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.epochs, self.lists = list(state["epochs"]), list(state["lists"])

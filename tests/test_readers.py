@@ -74,8 +74,8 @@ def test_interactions_by_name_with_rating_and_timestamp(tmp_path):
     path = write(tmp_path, "uid,iid,stars,time\nA,x,5,100\nB,y,2,101\nA,y,4,102\n", "r.csv")
     got = read("interactions", path, {"user_col": "uid", "item_col": "iid", "rating_col": "stars",
                                       "rating_threshold": 4, "timestamp_col": "time"})
-    assert got.users.tolist() == [0, 0]  # string ids -> order of first appearance
-    assert got.items.tolist() == [0, 1]
+    assert got.users.tolist() == ["A", "A"]  # text ids stay text; `prepare` maps them over all files
+    assert got.items.tolist() == ["x", "y"]
     assert got.ratings.tolist() == [5.0, 4.0] and got.timestamps.tolist() == [100, 102]
 
 
@@ -107,11 +107,16 @@ def test_unknown_reader_or_option(tmp_path):
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
+    """Argument, then $HETCOMP_DATA_DIR, then the per-user cache; never a folder beside the checkout."""
     monkeypatch.setenv(fetch.ENV_VAR, str(tmp_path / "env"))
     assert fetch.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
     assert fetch.resolve_data_dir(None) == tmp_path / "env"
     monkeypatch.delenv(fetch.ENV_VAR)
-    assert fetch.resolve_data_dir(None).name == "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert fetch.resolve_data_dir(None) == tmp_path / "cache" / "hetcomp" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fetch.resolve_data_dir(None) == tmp_path / "home" / ".cache" / "hetcomp" / "data"
 
 
 def test_download_from_url_checks_sha256(tmp_path):
@@ -125,11 +130,27 @@ def test_download_from_url_checks_sha256(tmp_path):
     assert sorted(p.name for p in (tmp_path / "data" / "ds").iterdir()) == ["users.dat"]
 
 
-def test_unreachable_url_names_file_url_and_variable(tmp_path):
-    message = (r"ds/users.dat is not in .* and downloading it from file:///nonexistent failed "
-               r".*set HETCOMP_DATA_DIR")
+def test_unreachable_url_names_file_url_and_target(tmp_path):
+    message = (rf"^ds/users.dat is missing from the data directory {re.escape(str(tmp_path))} "
+               r"\(the download failed: .*\): download it from file:///nonexistent and put it at "
+               rf"{re.escape(str(tmp_path / 'ds' / 'users.dat'))}, or point --data-dir / HETCOMP_DATA_DIR")
     with pytest.raises(HetCompError, match=message):
         fetch.ensure_source(tmp_path, "ds/users.dat", "0" * 64, "file:///nonexistent")
+
+
+def test_offline_or_no_url_never_downloads(tmp_path, monkeypatch):
+    remote = write(tmp_path, "1 2\n", "remote.dat")
+    monkeypatch.setenv(fetch.OFFLINE_VAR, "1")
+    with pytest.raises(HetCompError, match=r"\(HETCOMP_OFFLINE is set\): download it from file:"):
+        fetch.ensure_source(tmp_path / "data", "users.dat", None, remote.as_uri())
+    monkeypatch.setenv(fetch.OFFLINE_VAR, "0")
+    with pytest.raises(HetCompError, match=r"users.dat is missing .*: this dataset gives no download URL"):
+        fetch.ensure_source(tmp_path / "data", "users.dat", None, None)
+    assert not (tmp_path / "data").exists()
+    info = fetch.ensure_source(tmp_path / "data", "users.dat", None, remote.as_uri())
+    assert info == {"sha256": hashlib.sha256(b"1 2\n").hexdigest(), "published_sha256": None,
+                    "matches": None}
+    assert (tmp_path / "data" / "users.dat").stat().st_mode & 0o777 == 0o644
 
 
 def test_present_file_with_other_checksum_warns(tmp_path, caplog):

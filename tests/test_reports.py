@@ -19,7 +19,7 @@ from hetcomp.report.figures import selection_frame, write_figures
 
 KS = (10, 20, 50)
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg") for k in KS]
-TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md"]
+TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md", "tuning.md"]
 FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.png", "discrepancy.png",
            "homogeneous_vs_heterogeneous.png"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -271,7 +271,8 @@ def test_aggregate_and_report_cli_write_every_table_and_figure(runs, run_cli, tm
             "--students", *map(str, runs["students"]), "--splits", *map(str, runs["splits"]),
             "--cost", *map(str, runs["cost"]), "--out", str(long_csv), "--extras", str(extras)]
     assert run_cli(argv) == 0
-    assert {p.name for p in extras.iterdir()} == {"history.csv", "datasets.csv", "cost.csv", "discrepancy.csv"}
+    assert {p.name for p in extras.iterdir()} == {"history.csv", "datasets.csv", "cost.csv", "discrepancy.csv",
+                                                  "tuning.csv"}
     tables, figures = tmp_path / "results" / "tables", tmp_path / "results" / "figures"
     argv = ["report", "--long", str(long_csv), "--extras", str(extras),
             "--paper", str(REPO_ROOT / "config" / "paper_results.csv"), "--methods", "wokd", "hetcomp", "rrd",

@@ -2,7 +2,9 @@
 
 Every call runs Snakemake in a subprocess from the repository root with the interpreter's own
 ``snakemake`` (the one of this virtual environment), and points ``workdir``/``results_dir`` at a
-temporary folder so that tests never touch (or depend on) the real work folder.
+temporary folder so that tests never touch (or depend on) the real work folder. The raw data
+directory is a folder of empty stand-in files (the workflow only checks that they exist before
+a dry run), so that these tests need neither the datasets nor internet.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md"]
+TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md", "tuning.md",
+          "claims.md", "ablation.md", "reproduction.md"]
 FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.png", "discrepancy.png",
            "homogeneous_vs_heterogeneous.png"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,8 +30,25 @@ PNG = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.skipif(not SNAKEMAKE.is_file(), reason=f"snakemake not installed next to {sys.executable}")
 
 
-def snakemake(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SNAKEMAKE), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def snakemake(*args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SNAKEMAKE), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def stand_in_data(tmp_path_factory) -> Path:
+    """A data directory with an empty file for every source of every shipped dataset."""
+    folder = tmp_path_factory.mktemp("data")
+    for config in (ROOT / "config" / "datasets").glob("*.yaml"):
+        for source in yaml.safe_load(config.read_text())["sources"]:
+            (folder / source["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / source["path"]).touch()
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(stand_in_data, monkeypatch):
+    monkeypatch.setenv("HETCOMP_DATA_DIR", str(stand_in_data))
+    monkeypatch.setenv("HETCOMP_OFFLINE", "1")
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -51,8 +71,12 @@ def expected_counts(config: dict) -> dict[str, int]:
     t, m = len(config["teachers"]), len(config["methods"])
     control = config.get("control") or {}
     c = len(control.get("methods", [])) * len(control.get("teachers", []))
+    # one `hetcomp tune` job per dataset for each method whose YAML has a `tune` grid
+    tuned = [name for name in dict.fromkeys([*config["methods"], *control.get("methods", [])])
+             if "tune" in yaml.safe_load((ROOT / config["method_configs"] / f"{name}.yaml").read_text())]
+    n_tuned = len(tuned) if (config.get("tune") or {}).get("enabled", True) else 0
     counts = {"prepare": d, "train_teacher": d * s * t, "build_ensemble": d * s, "distill": d * s * m,
-              "distill_control": d * s * c, "cost": d, "aggregate": 1, "report_tables": 1,
+              "distill_control": d * s * c, "tune": d * n_tuned, "cost": d, "aggregate": 1, "report_tables": 1,
               "report_figures": 1, "all": 1}
     return {rule: n for rule, n in counts.items() if n}
 
@@ -82,12 +106,21 @@ def test_config_schema_describes_every_key_with_a_default():
         assert in_def or "default" in sub, f"{path}: no default"
 
 
-def test_full_default_grid_dry_run_resolves_quickly(tmp_path):
+def layered(*names: str) -> dict:
+    """config/config.yaml with the given config files over it (top-level keys replaced)."""
+    config = {}
+    for name in ("config.yaml", *names):
+        config.update(yaml.safe_load((ROOT / "config" / name).read_text()))
+    return config
+
+
+def test_paper_grid_dry_run_resolves_quickly(tmp_path):
     started = time.perf_counter()
-    result = snakemake("-n", "--configfile", "config/config.yaml", *isolated(tmp_path))
+    result = snakemake("-n", "--configfile", "config/paper.yaml", *isolated(tmp_path))
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = layered("paper.yaml")
+    assert (config["datasets"], config["seeds"]) == (["citeulike-t", "foursquare", "amazon-music"], [0, 1, 2, 3, 4])
     counts = job_counts(result.stdout + result.stderr)
     assert counts == expected_counts(config)
     assert sum(counts.values()) > 300  # 3 datasets x 5 seeds x (6 teachers + 8 methods + 6 controls) + ...
@@ -95,14 +128,45 @@ def test_full_default_grid_dry_run_resolves_quickly(tmp_path):
     assert elapsed < 120, f"dry run took {elapsed:.0f} s"
 
 
-def test_two_core_citeulike_config_dry_run_is_the_one_seed_grid(tmp_path):
-    """config/citeulike-2core.yaml (results/README.md) layers on the default: every job of one seed."""
-    result = snakemake("-n", "--configfile", "config/citeulike-2core.yaml", *isolated(tmp_path))
+def test_default_config_is_the_one_seed_citeulike_grid_writing_outside_results(tmp_path):
+    """The main command's grid: one seed of CiteULike-t, tables in work/results, not the committed
+    results/ (config/citeulike-2core.yaml, the setting of results/, writes there explicitly)."""
+    config = layered()
+    assert (config["datasets"], config["seeds"], config["results_dir"]) == (["citeulike-t"], [0], "work/results")
+    assert layered("citeulike-2core.yaml")["results_dir"] == "results"
+    result = snakemake("-n", "--config", f"workdir={tmp_path / 'work'}")
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config.update(yaml.safe_load((ROOT / "config" / "citeulike-2core.yaml").read_text()))
-    assert (config["datasets"], config["seeds"]) == (["citeulike-t"], [0])
     assert job_counts(result.stdout + result.stderr) == expected_counts(config)
+    outputs = re.findall(r"^\s+output: (.+)$", result.stdout, re.M)
+    assert outputs and not [o for o in outputs if re.search(r"(^|, )results/", o)]
+    assert "work/results/tables/main.md" in result.stdout
+
+
+def test_missing_raw_file_stops_before_any_job_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETCOMP_DATA_DIR", str(tmp_path / "empty"))
+    result = snakemake("-n", *isolated(tmp_path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    target = tmp_path / "empty" / "citeulike-t" / "users.dat"
+    assert errors[0].startswith("hetcomp workflow: error: dataset citeulike-t: citeulike-t/users.dat is missing")
+    assert "download it from https://raw.githubusercontent.com/js05212/citeulike-t/" in errors[0]
+    assert f"put it at {target}" in errors[0] and "HETCOMP_OFFLINE is set" in errors[0]
+    assert "Job stats" not in result.stdout + result.stderr
+
+
+def test_local_profile_prints_the_log_of_a_failed_job():
+    profile = yaml.safe_load((ROOT / "profiles" / "local" / "config.yaml").read_text())
+    assert profile["show-failed-logs"] is True and profile["rerun-incomplete"] is True
+
+
+def test_config_typo_prints_one_line_with_the_allowed_keys(tmp_path):
+    result = snakemake("-n", "--config", "seedz=[0]")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 3, result.stderr  # Snakemake's own notice about --config, then ours
+    assert lines[-1].startswith("hetcomp workflow: error: invalid config: unknown key(s) seedz (top level); "
+                                "allowed: control, cost, data_dir,")
 
 
 def test_partial_targets_exist():
@@ -123,6 +187,9 @@ def test_tiny_config_end_to_end(tmp_path):
     base = ["--cores", "2", "--configfile", ".test/config.yaml", *isolated(tmp_path)]
     result = snakemake(*base, timeout=1800)
     assert result.returncode == 0, result.stderr[-6000:]
+    # before the first job: the plan and its time estimate (hetcomp/plan.py)
+    plan = result.stderr.index("Plan: ")
+    assert plan < result.stderr.index("rule prepare:") and "Estimated time: about" in result.stderr[plan:]
     results = tmp_path / "results"
     for name in TABLES:
         path = results / "tables" / name
@@ -156,3 +223,17 @@ def test_tiny_config_end_to_end(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert job_counts(resumed.stdout + resumed.stderr) == {
         "distill": 1, "cost": 1, "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
+
+    # Reference records: every finished run recorded; with reference.use a recorded run is done,
+    # so only the one never recorded (deleted above) and the reports are left.
+    record = subprocess.run([sys.executable, "-m", "hetcomp", "record", "--work", str(tmp_path / "work"),
+                             "--out", str(tmp_path / "reference")], capture_output=True, text=True, cwd=ROOT)
+    assert record.returncode == 0, record.stderr[-3000:]
+    shutil.rmtree(tmp_path / "work" / "runs" / "tiny" / "seed0" / "hetcomp")
+    layer = tmp_path / "use_reference.yaml"
+    layer.write_text(yaml.safe_dump({"reference": {"use": True, "dir": str(tmp_path / "reference")}}))
+    from_records = snakemake("-n", "--cores", "2", "--configfile", ".test/config.yaml", str(layer),
+                             *isolated(tmp_path))
+    assert from_records.returncode == 0, from_records.stderr[-3000:]
+    assert job_counts(from_records.stdout + from_records.stderr) == {
+        "distill": 1, "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}

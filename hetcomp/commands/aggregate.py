@@ -1,8 +1,9 @@
 """``hetcomp aggregate``: every run into one long CSV, plus the extras the figures need.
 
 Writes ``--out`` (the long table, ``hetcomp.report.aggregate.LONG_COLUMNS``) and, when ``--extras``
-is given, that folder (atomically) with ``history.csv``, ``datasets.csv``, ``cost.csv`` and
-``discrepancy.csv``. See ``hetcomp.report.aggregate`` for the columns and how runs are identified.
+is given, that folder (atomically) with ``history.csv``, ``datasets.csv``, ``cost.csv``,
+``discrepancy.csv`` and ``tuning.csv``. See ``hetcomp.report.aggregate`` for the columns and how
+runs are identified.
 """
 
 from __future__ import annotations
@@ -29,21 +30,24 @@ def add_arguments(parser):
                         help="prepared split directories (for the dataset table)")
     parser.add_argument("--cost", nargs="*", default=[], type=Path, metavar="DIR",
                         help="cost directories (hetcomp cost outputs)")
+    parser.add_argument("--tuning", nargs="*", default=[], type=Path, metavar="DIR",
+                        help="tuning folders (hetcomp tune outputs)")
     parser.add_argument("--out", required=True, type=Path, help="output long CSV")
-    parser.add_argument("--extras", type=Path, help="output folder for history/datasets/cost/discrepancy CSVs")
+    parser.add_argument("--extras", type=Path,
+                        help="output folder for history/datasets/cost/discrepancy/tuning CSVs")
 
 
 def run(args) -> int:
     if not (args.teachers or args.ensembles or args.students):
         raise HetCompError("no runs given (--teachers, --ensembles, --students)")
-    from hetcomp.report.aggregate import aggregate  # pandas: imported only when needed
+    from hetcomp.report.aggregate import EXTRAS, aggregate  # pandas: imported only when needed
 
     frames = aggregate(teachers=args.teachers, ensembles=args.ensembles, students=args.students,
-                       splits=args.splits, cost=args.cost)
+                       splits=args.splits, cost=args.cost, tuning=args.tuning)
     atomic_write_text(args.out, frames["long"].to_csv(index=False))
     if args.extras:
         with atomic_output_dir(args.extras) as tmp:
-            for name in ("history", "datasets", "cost", "discrepancy"):
+            for name in EXTRAS:
                 frames[name].to_csv(tmp / f"{name}.csv", index=False)
     long = frames["long"]
     print(f"{long.drop_duplicates(['kind', 'dataset', 'method', 'teacher', 'seed']).shape[0]} runs, "

@@ -1,4 +1,4 @@
-"""``hetcomp prepare``: raw files -> the frozen split of one dataset."""
+"""``hetcomp prepare``: raw files -> the frozen split of one dataset (matrices, meta.json, id maps)."""
 
 import logging
 
@@ -16,7 +16,8 @@ def add_arguments(parser):
     which.add_argument("--dataset", help="name of a shipped dataset (see `hetcomp list`)")
     which.add_argument("--config", help="a dataset YAML file of your own")
     parser.add_argument("--data-dir", help="folder of the raw files (default: $HETCOMP_DATA_DIR, "
-                                           "else ../shared/data next to the repository, else data/)")
+                                           "else $XDG_CACHE_HOME/hetcomp/data, i.e. ~/.cache/hetcomp/data); "
+                                           "missing files are downloaded there unless HETCOMP_OFFLINE=1")
     parser.add_argument("--out", required=True, help="output folder of the split")
     parser.add_argument("--split-method", choices=["random", "published"],
                         help="override the config's split rule: the paper's random rule with "

@@ -1,7 +1,9 @@
 """``hetcomp report``: the tables (Markdown, LaTeX) and figures (PNG) from ``hetcomp aggregate``'s output.
 
 Tables (``--tables-dir``): ``main.md``, ``main.tex``, ``teachers.md``, ``cost.md``, ``datasets.md``,
-``paper_comparison.md`` (``hetcomp.report.tables``). Figures (``--figures-dir``):
+``paper_comparison.md``, ``tuning.md``, ``ablation.md`` (``hetcomp.report.tables``), ``claims.md``
+(``hetcomp.report.claims``), ``reproduction.md`` (``hetcomp.report.reproduction``: your numbers
+against ``--reference-long``; not compared when that is the table being reported). Figures (``--figures-dir``):
 ``hetcomp.report.figures.FIGURES``. Each file is written atomically.
 
 The heavy imports (pandas, scipy, seaborn) happen inside ``run``: every ``hetcomp`` call builds
@@ -20,13 +22,16 @@ log = logging.getLogger(__name__)
 
 HELP = "build the tables (Markdown, LaTeX) and figures (PNG) from the long CSV of `hetcomp aggregate`"
 
-TABLES = ("main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md")
+TABLES = ("main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md", "tuning.md",
+          "claims.md", "ablation.md", "reproduction.md")
 
 
 def add_arguments(parser):
     parser.add_argument("--long", required=True, type=Path, help="long CSV (hetcomp aggregate --out)")
     parser.add_argument("--extras", type=Path, help="extras folder (hetcomp aggregate --extras)")
     parser.add_argument("--paper", type=Path, help="published numbers: CSV dataset,method,metric,k,value")
+    parser.add_argument("--reference-long", type=Path,
+                        help="the reference results' long CSV, for reproduction.md (omit: nothing compared)")
     parser.add_argument("--tables-dir", type=Path, help="write the tables here")
     parser.add_argument("--figures-dir", type=Path, help="write the figures here")
     parser.add_argument("--ks", nargs="+", type=int, default=[10, 20, 50], help="K columns (default 10 20 50)")
@@ -35,11 +40,14 @@ def add_arguments(parser):
     parser.add_argument("--teachers", nargs="*", default=[], help="teacher order of the tables and figures")
 
 
-def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, paper_path) -> list[Path]:
+def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, paper_path,
+                 reference_long=None) -> list[Path]:
     from hetcomp.report import tables as T  # scipy.stats: imported only when needed
+    from hetcomp.report.claims import claims_markdown
+    from hetcomp.report.reproduction import reproduction_markdown
 
     out_dir = Path(out_dir)
-    table = T.main_table(long, ks, methods, alpha)
+    table = T.main_table(long, ks, methods, alpha, tuning=extras.get("tuning"))
     texts = {
         "main.md": T.main_markdown(table),
         "main.tex": T.main_latex(table),
@@ -47,6 +55,10 @@ def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, p
         "cost.md": T.cost_markdown(extras.get("cost")),
         "datasets.md": T.datasets_markdown(extras.get("datasets")),
         "paper_comparison.md": T.paper_markdown(long, T.read_paper_results(paper_path), ks, methods, teachers),
+        "tuning.md": T.tuning_markdown(extras.get("tuning")),
+        "claims.md": claims_markdown(long, extras, ks, alpha),
+        "ablation.md": T.ablation_markdown(long, ks),
+        "reproduction.md": reproduction_markdown(long, reference_long, ks),
     }
     for name, text in texts.items():
         atomic_write_text(out_dir / name, text)
@@ -64,8 +76,12 @@ def run(args) -> int:
     extras = read_extras(args.extras) if args.extras else {}
     written = []
     if args.tables_dir:
+        reference = None
+        if args.reference_long is not None and args.reference_long.resolve() != args.long.resolve():
+            reference = read_long(args.reference_long)
         written += write_tables(long, extras, args.tables_dir, ks=args.ks, alpha=args.alpha,
-                                methods=args.methods, teachers=args.teachers, paper_path=args.paper)
+                                methods=args.methods, teachers=args.teachers, paper_path=args.paper,
+                                reference_long=reference)
     if args.figures_dir:
         from hetcomp.report.figures import write_figures
 

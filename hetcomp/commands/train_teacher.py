@@ -9,6 +9,9 @@ The model YAML is flat (per-dataset overrides under ``datasets:``). Its keys go 
 the loop keys (fields of ``hetcomp.training.LoopConfig``), the trajectory keys
 (``n_checkpoints``, ``top_n``) and every other key to the model's constructor. A key none of
 them knows is an error, and so is a non-number where the default is a number.
+
+Resuming: as ``hetcomp distill`` (``--checkpoint``, default ``<out>.partial/checkpoint.pt``; see
+``hetcomp.checkpoint``); the checkpoint also holds the top-N lists recorded so far.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from hetcomp.config import check_keys, coerce_number, config_hash, load_yaml, resolve_overrides
+from hetcomp.checkpoint import Checkpoint, checkpoint_path, run_key
+from hetcomp.config import apply_set, check_keys, coerce_number, config_hash, load_yaml, resolve_overrides
 from hetcomp.data.store import load_split
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import Evaluator
@@ -47,6 +51,10 @@ def add_arguments(parser):
     parser.add_argument("--seed", required=True, type=int, help="run seed")
     parser.add_argument("--out", required=True, type=Path, help="output run directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a key of the YAML (repeatable), e.g. --set max_epochs=5")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="resumable checkpoint file (default: <out>.partial/checkpoint.pt)")
 
 
 
@@ -66,7 +74,7 @@ def split_config(config: dict, model_cls, where: str) -> tuple[LoopConfig, dict,
     loop_defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     model_defaults = constructor_defaults(model_cls)
     check_keys(config, {**loop_defaults, **TRAJECTORY_DEFAULTS, **model_defaults}, where)
-    loop = {k: coerce_number(v, loop_defaults[k], k, where) for k, v in config.items() if k in loop_defaults}
+    loop = LoopConfig.from_config(config, where)
     trajectory = dict(TRAJECTORY_DEFAULTS)
     trajectory.update({k: coerce_number(v, TRAJECTORY_DEFAULTS[k], k, where)
                        for k, v in config.items() if k in TRAJECTORY_DEFAULTS})
@@ -80,7 +88,7 @@ def split_config(config: dict, model_cls, where: str) -> tuple[LoopConfig, dict,
             raise HetCompError(f"{where}: missing required model key {key}")
         else:
             model_kwargs[key] = default
-    return LoopConfig(**loop), trajectory, model_kwargs
+    return loop, trajectory, model_kwargs
 
 
 def run(args) -> int:
@@ -91,7 +99,7 @@ def run(args) -> int:
     split = load_split(args.split)
     dataset = split.meta.get("dataset")
     where = f"{args.config} ({args.model})"
-    resolved = resolve_overrides(load_yaml(args.config), dataset)
+    resolved = apply_set(resolve_overrides(load_yaml(args.config), dataset), args.set)
     loop, trajectory_settings, model_kwargs = split_config(resolved, model_cls, where)
     device = resolve_device(args.device)
     generator = seed_everything(args.seed)
@@ -100,12 +108,16 @@ def run(args) -> int:
     evaluator = Evaluator(split, device=device)
     log.info("training %s on %s (%d users, %d items) with seed %d on %s", args.model,
              dataset or args.split, split.n_users, split.n_items, args.seed, device)
-    result = fit(ModelTask(model, on_evaluation=recorder), evaluator, loop, generator)
+    config = {"model": args.model, "dataset": dataset, **dataclasses.asdict(loop),
+              **trajectory_settings, **model_kwargs}
+    fingerprint = split_fingerprint(split)
+    checkpoint = Checkpoint(args.checkpoint or checkpoint_path(args.out),
+                            run_key(config, command="train-teacher", seed=args.seed, device=str(device),
+                                    split=fingerprint))
+    result = fit(ModelTask(model, on_evaluation=recorder), evaluator, loop, generator, checkpoint)
     trajectory = recorder.finish(result.best_epoch, model)
 
     valid_by_epoch = {record["epoch"]: record.get("valid") for record in result.history if "valid" in record}
-    config = {"model": args.model, "dataset": dataset, **dataclasses.asdict(loop),
-              **trajectory_settings, **model_kwargs}
     metrics = metrics_record(
         result.best_epoch, result.valid, result.test, model=args.model,
         n_parameters=model.n_parameters(), train_time_s=round(result.train_time_s, 3),
@@ -118,10 +130,11 @@ def run(args) -> int:
         info = run_info(config=config, config_hash=config_hash(config), seed=args.seed, device=device,
                         wall_time_s=time.perf_counter() - started, command=args.command,
                         config_file=str(args.config), split_dir=str(args.split),
-                        split_fingerprint=split_fingerprint(split))
+                        split_fingerprint=fingerprint, resumed_at_epochs=result.resumed_at)
         write_run_outputs(tmp, metrics=metrics, valid=result.valid, test=result.test,
                           history=result.history, info=info)
     log.info("%s: best epoch %d, valid %s %.4f, checkpoints at epochs %s -> %s", args.model,
              result.best_epoch, loop.select_metric, result.valid.means()[loop.select_metric],
              trajectory.epochs.tolist(), args.out)
+    checkpoint.discard()
     return 0

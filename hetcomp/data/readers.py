@@ -21,7 +21,10 @@ from hetcomp.errors import HetCompError
 
 @dataclass
 class Interactions:
-    """Parallel arrays of (user, item) pairs in file order, with optional ratings/timestamps."""
+    """Parallel arrays of (user, item) pairs in file order, with optional ratings/timestamps.
+
+    Ids are ``int64``, except for the ``interactions`` reader's text ids (``object`` arrays).
+    """
 
     users: np.ndarray
     items: np.ndarray
@@ -156,8 +159,10 @@ def read_interactions(
 ) -> Interactions:
     """Generic CSV/TSV: columns by header name or 0-based index.
 
-    Integer id columns are kept as they are (negative ids are errors); any other id column
-    (e.g. Amazon's string ids) is mapped to 0, 1, ... in order of first appearance.
+    Integer id columns are returned as integers (negative ids are errors); any other id column
+    (e.g. Amazon's string ids) as text, which ``hetcomp prepare`` maps to 0, 1, ... over all the
+    dataset's files. ``timestamp_col`` (numbers, e.g. Unix seconds) is used by the ``temporal``
+    split.
     """
     if rating_threshold is not None and rating_col is None:
         raise HetCompError(f"{path}: rating_threshold is set but rating_col is not")
@@ -201,7 +206,7 @@ def read_interactions(
                 raise HetCompError(f"{path}:{negative[0] + first_line}: negative {what} "
                                    f"{values[negative[0]]}")
             return values
-        return pd.factorize(raw)[0].astype(np.int64)
+        return raw.to_numpy(dtype=object)
 
     result = Interactions(users=ids(user_col, "user id"), items=ids(item_col, "item id"))
     if rating_col is not None:

@@ -4,10 +4,14 @@
    ship have none; a pair in both train and test of a published split stays in train).
 2. Users with fewer than ``min_user_interactions`` pairs are dropped: one pass, no item filter.
 3. Users and items get 0-based ids in order of first appearance in the filtered stream
-   (without the official code's phantom extra user and item).
+   (without the official code's phantom extra user and item); ``Split.user_ids`` and
+   ``Split.item_ids`` keep the original id of every internal one.
 4. ``random``: for each user in id order, one ``np.random.RandomState(seed)`` shuffles the
    user's items (in stream order); the first ``floor(test_ratio * n)`` go to test, the next
    ``floor(valid_ratio * n)`` to validation, the rest to train.
+   ``temporal``: each user's pairs ordered by timestamp (ties in stream order); the last
+   ``floor(test_ratio * n)`` go to test, the ``floor(valid_ratio * n)`` before them to
+   validation, the rest to train.
    ``published``: each pair keeps the part of the file it came from.
 5. Validation and test pairs whose item never occurs in train are removed; users left with
    an empty validation or test set lose both (their train pairs are kept).
@@ -50,14 +54,37 @@ def random_parts(users: np.ndarray, n_users: int, test_ratio: float, valid_ratio
     return parts
 
 
-def split_interactions(users: np.ndarray, items: np.ndarray, parts: np.ndarray | None, *,
-                       split: dict, min_user_interactions: int) -> Split:
-    """Build the split of a raw stream; ``parts`` (codes per pair) is needed for ``published``.
+def temporal_parts(users: np.ndarray, n_users: int, timestamps: np.ndarray, test_ratio: float,
+                   valid_ratio: float) -> np.ndarray:
+    """The part (TRAIN/VALID/TEST) of each pair under the per-user time-ordered rule."""
+    order = np.lexsort((np.arange(len(users)), timestamps, users))  # by user, time, stream order
+    counts = np.bincount(users, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sorted_users = users[order]
+    rank = np.arange(len(users)) - starts[sorted_users]  # 0 = the user's earliest pair
+    from_end = counts[sorted_users] - rank  # 1 = the user's latest pair
+    n_test = np.floor(test_ratio * counts).astype(np.int64)[sorted_users]
+    n_valid = np.floor(valid_ratio * counts).astype(np.int64)[sorted_users]
+    parts = np.full(len(users), TRAIN, dtype=np.int8)
+    parts[order[from_end <= n_test + n_valid]] = VALID
+    parts[order[from_end <= n_test]] = TEST
+    return parts
 
-    ``split`` is the dataset's split rule. The returned ``Split.meta`` holds the counts.
+
+def split_interactions(users: np.ndarray, items: np.ndarray, parts: np.ndarray | None, *,
+                       split: dict, min_user_interactions: int,
+                       timestamps: np.ndarray | None = None) -> Split:
+    """Build the split of a raw stream; ``parts`` (codes per pair) is needed for ``published``,
+    ``timestamps`` (one per pair) for ``temporal``.
+
+    ``users``/``items`` may hold integers or strings. ``split`` is the dataset's split rule.
+    The returned ``Split.meta`` holds the counts.
     """
     if split["method"] == "published" and parts is None:
         raise HetCompError("the published split needs the part (train/valid/test) of every file")
+    if split["method"] == "temporal" and timestamps is None:
+        raise HetCompError("the temporal split needs a timestamp for every pair "
+                           "(reader 'interactions' with timestamp_col)")
     raw = {"n_users": len(pd.unique(users)), "n_items": len(pd.unique(items)),
            "n_interactions": len(users)}
     keep = ~pd.DataFrame({"u": users, "i": items}).duplicated(keep="first").to_numpy()
@@ -66,12 +93,16 @@ def split_interactions(users: np.ndarray, items: np.ndarray, parts: np.ndarray |
     active = np.bincount(user_codes, minlength=n_raw_users) >= min_user_interactions
     keep[keep] = active[user_codes]
 
-    users, n_users = first_appearance_ids(users[keep])
-    items, n_items = first_appearance_ids(items[keep])
+    users, user_ids = pd.factorize(users[keep], sort=False)
+    items, item_ids = pd.factorize(items[keep], sort=False)
+    users, items = users.astype(np.int64), items.astype(np.int64)
+    n_users, n_items = len(user_ids), len(item_ids)
     if n_users == 0:
         raise HetCompError(f"no user has at least {min_user_interactions} interactions")
     if split["method"] == "random":
         parts = random_parts(users, n_users, split["test_ratio"], split["valid_ratio"], split["seed"])
+    elif split["method"] == "temporal":
+        parts = temporal_parts(users, n_users, timestamps[keep], split["test_ratio"], split["valid_ratio"])
     else:
         parts = parts[keep]
 
@@ -98,4 +129,4 @@ def split_interactions(users: np.ndarray, items: np.ndarray, parts: np.ndarray |
         "density": len(users) / (n_users * n_items),
         "raw": raw,
     }
-    return Split(meta=meta, **matrices)
+    return Split(meta=meta, user_ids=np.asarray(user_ids), item_ids=np.asarray(item_ids), **matrices)

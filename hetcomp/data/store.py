@@ -1,4 +1,8 @@
-"""The frozen split every method reads: train/valid/test CSR matrices with 0-based ids plus ``meta.json``."""
+"""The frozen split every method reads: train/valid/test CSR matrices with 0-based ids plus ``meta.json``.
+
+Beside them, ``user_ids.tsv`` and ``item_ids.tsv`` map the raw files' ids to the internal ones
+(columns ``original_id``, ``internal_id``; one row per internal id, in id order).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from hetcomp.errors import HetCompError
-from hetcomp.io import read_json, write_json
+from hetcomp.io import atomic_write_text, read_json, write_json
 
 PARTS = ("train", "valid", "test")
+ID_MAPS = {"user": "user_ids.tsv", "item": "item_ids.tsv"}
 
 
 @dataclass
@@ -20,13 +26,16 @@ class Split:
 
     Each part is a ``float32`` CSR matrix of shape ``[n_users, n_items]`` holding ones, with
     sorted indices. Users whose validation or test rows are empty are not evaluated
-    (their train rows are kept).
+    (their train rows are kept). ``user_ids``/``item_ids``, when known, hold the raw files'
+    id of each internal id.
     """
 
     train: sp.csr_matrix
     valid: sp.csr_matrix
     test: sp.csr_matrix
     meta: dict = field(default_factory=dict)
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -61,12 +70,26 @@ def to_csr(users: np.ndarray, items: np.ndarray, shape: tuple[int, int]) -> sp.c
 
 
 def save_split(split: Split, out_dir: str | Path) -> None:
-    """Write ``{train,valid,test}.npz`` and ``meta.json`` into ``out_dir`` (deterministic bytes)."""
+    """Write ``{train,valid,test}.npz``, ``meta.json`` and the id maps (when known) into
+    ``out_dir`` (deterministic bytes)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in PARTS:
         sp.save_npz(out_dir / f"{name}.npz", split.part(name), compressed=True)
     write_json(out_dir / "meta.json", split.meta)
+    for kind, originals in (("user", split.user_ids), ("item", split.item_ids)):
+        if originals is not None:
+            frame = pd.DataFrame({"original_id": originals, "internal_id": np.arange(len(originals))})
+            atomic_write_text(out_dir / ID_MAPS[kind], frame.to_csv(sep="\t", index=False))
+
+
+def load_id_map(split_dir: str | Path, kind: str) -> pd.DataFrame:
+    """The ``user`` or ``item`` id map of a prepared split (original ids read as text)."""
+    path = Path(split_dir) / ID_MAPS[kind]
+    if not path.is_file():
+        raise HetCompError(f"{path}: no id map (the split predates id maps; run `hetcomp prepare` again)")
+    return pd.read_csv(path, sep="\t", dtype={"original_id": str, "internal_id": np.int64},
+                       keep_default_na=False)
 
 
 def load_split(split_dir: str | Path) -> Split:

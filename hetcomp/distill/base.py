@@ -2,7 +2,9 @@
 
 A distiller wraps the student, reads the teacher knowledge and returns its loss terms by name.
 Its ``after_epoch`` hook runs method logic between epochs (HetComp's dynamic knowledge
-construction, curricula); ``method_state`` is saved next to the run outputs.
+construction, curricula); ``method_state`` is saved next to the run outputs. ``extra_state`` /
+``load_extra_state`` carry the method's changing state (beyond the student's weights) through a
+resumable checkpoint (``hetcomp.checkpoint``); the default has none.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ class Distiller:
 
     def load_state_dict(self, state: dict):
         return self.student.load_state_dict(state)
+
+    def extra_state(self) -> dict:
+        """The method's training state beyond the student's weights, for a checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` returned (on a freshly built distiller)."""
 
     # -- saved with the run -----------------------------------------------------------------
     def method_state(self) -> dict:

@@ -1,4 +1,4 @@
-"""Dynamic knowledge construction (HETCOMP_SPEC §4.6), vectorised over teachers and users.
+"""Dynamic knowledge construction (docs/METHOD.md, "DKC"), vectorised over teachers and users.
 
 For every (teacher ``x``, user ``u``) pair a checkpoint index ``idx[x, u]`` selects which point of
 the teacher's training trajectory the user's knowledge comes from. It starts at 0 and only moves

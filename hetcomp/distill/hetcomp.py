@@ -1,6 +1,8 @@
 """HetComp (Kang et al., "Distillation from Heterogeneous Models for Top-K Recommendation", WWW 2023).
 
-Follows the official code's algorithm as written down in HETCOMP_SPEC §4; see ``HetComp``.
+Follows the official code's algorithm (docs/METHOD.md, "HetComp"); see ``HetComp``. Its ablations
+(docs/METHOD.md, "Ablations") are the same class with other default switches, registered under
+the names of ``ABLATIONS``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,56 @@ import torch
 
 from hetcomp.distill.base import Distiller
 from hetcomp.distill.dkc import DynamicKnowledgeConstruction, ensemble_topk, factorized_top_unobserved
-from hetcomp.distill.losses import Workspace, factorized_rest_log_mass, overall_loss, rank_loss, rest_log_mass
+from hetcomp.distill.losses import (Workspace, factorized_rest_log_mass, overall_loss, plackett_luce,
+                                    prefix_log_rest, rank_loss, rest_log_mass)
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import top_unobserved
 from hetcomp.registry import METHODS
 
 log = logging.getLogger(__name__)
 
+#: HetComp's ablations: registered name -> (switches over ``HetComp.defaults``, what changes).
+ABLATIONS = {
+    "hetcomp_nodkc": ({"dkc": False, "switch_epoch": 120},
+                      "no DKC: the final ensemble's targets from the start, phase 2 after epoch 120"),
+    "hetcomp_phase1": ({"loss": "overall"}, "phase-1 (overall) loss only, DKC as usual"),
+    "hetcomp_phase2": ({"loss": "rank"}, "phase-2 (ranking) loss only from epoch 0, DKC as usual"),
+    "hetcomp_nosep": ({"separate_observed": False},
+                      "no observed/unobserved separation: one merged list, training items in the rest mass"),
+}
 
+
+def register_ablations(cls):
+    """Register, under each name of ``ABLATIONS``, a subclass of ``cls`` that only changes ``defaults``."""
+    for name, (switches, summary) in ABLATIONS.items():
+        unknown = sorted(set(switches) - set(cls.defaults))
+        if unknown:
+            raise ValueError(f"ablation {name}: unknown switch(es) {unknown}")
+        variant = type(f"{cls.__name__}_{name.removeprefix('hetcomp_')}", (cls,),
+                       {"defaults": {**cls.defaults, **switches}, "__module__": cls.__module__,
+                        "__doc__": f"HetComp ablation ({name}): {summary}."})
+        METHODS.register(name)(variant)
+    return cls
+
+
+def merged_rank_loss(observed_scores: torch.Tensor, observed_mask: torch.Tensor, top_scores: torch.Tensor,
+                     log_rest: torch.Tensor, prefixes, log_floor: float | None = 1e-5) -> torch.Tensor:
+    """Phase-2 loss without the observed/unobserved separation, summed over rows.
+
+    ``mean_m PL([P, T[:m]]; Z(M) + sum_{j in T[m:]} e^{s_j})`` over ``m`` in ``prefixes``, where
+    ``log_rest [B]`` is ``log Z(M)``, the mass of every item outside the merged list ``M = [P, T]``
+    (training items outside ``P`` included). Padded observed entries (``observed_mask`` False)
+    add neither a term nor mass.
+    """
+    n_obs = observed_scores.shape[1]
+    mask = torch.cat([observed_mask, torch.ones_like(top_scores, dtype=torch.bool)], 1)
+    total = sum(plackett_luce(torch.cat([observed_scores, top_scores[:, :m]], 1),
+                              prefix_log_rest(top_scores, log_rest, m), mask[:, :n_obs + m], log_floor)
+                for m in prefixes)
+    return (total / len(prefixes)).sum()
+
+
+@register_ablations
 @METHODS.register("hetcomp")
 class HetComp(Distiller):
     """HetComp: dynamic knowledge construction + adaptive knowledge transfer, KD loss only.
@@ -45,12 +89,14 @@ class HetComp(Distiller):
     Losses are summed over users and items. Training items never enter a rest mass.
 
     **DKC** (``hetcomp.distill.dkc``) runs after epochs ``p, 2p, ...`` (``dkc_period`` p = 10)
-    while in phase 1, on the student's top-``dkc_depth`` (50) non-training ranking; ``T_u`` is then
-    rebuilt for the users whose selection moved, ``v_bar[x] = round(mean_u idx[x, u], 2)``, and
-    phase 2 starts (from the next epoch) once ``sum_x v_bar[x] >= T * (C - 1)`` (the official
-    ``18 = 6 x 3`` for 6 teachers with 4 checkpoints).
+    until the knowledge is final, on the student's top-``dkc_depth`` (50) non-training ranking;
+    ``T_u`` is then rebuilt for the users whose selection moved. The knowledge is final once
+    ``sum_x v_bar[x] >= T * (C - 1)`` with ``v_bar[x] = round(mean_u idx[x, u], 2)`` (the official
+    ``18 = 6 x 3`` for 6 teachers with 4 checkpoints): DKC stops and phase 2 starts from the next
+    epoch.
 
-    **Choices the spec leaves open** (also in ``config/methods/hetcomp.yaml``):
+    **Choices the official code leaves open** (docs/METHOD.md, "Open choices"; also in
+    ``config/methods/hetcomp.yaml``):
 
     - observed-list padding: ``knowledge.observed`` rows are padded with ``-1`` by
       ``build-ensemble``; padded entries are masked out (no loss term, no mass) in both phases;
@@ -67,6 +113,20 @@ class HetComp(Distiller):
     - ``T_u`` ties (items with equal ensemble score) are ordered by item id
       (``dkc.ensemble_topk``; ``combine_rankings`` leaves them to ``torch.topk``), and
       ``v_bar`` is rounded with ``numpy.round``.
+
+    **Ablation switches** (all off in ``hetcomp``; see ``ABLATIONS``):
+
+    - ``dkc: false``: every (teacher, user) pair sits at the final checkpoint from the start (the
+      targets are the final ensemble's top-``top_k``) and DKC never runs; the adaptive loss then
+      moves to phase 2 after epoch ``switch_epoch`` (required in that case);
+    - ``loss``: ``adaptive`` (phase 1, then phase 2 once DKC has reached the final checkpoints),
+      ``overall`` (phase-1 loss only) or ``rank`` (phase-2 loss only, from epoch 0). DKC runs
+      in every mode until the selection is final (the same ``v_bar`` rule);
+    - ``separate_observed: false``: one merged list ``M_u = [P_u, T_u]`` (observed first) and no
+      special status for training items: every rest mass is over the items outside the list,
+      training items outside ``P_u`` included; phase 1 puts each item of ``M_u`` against
+      ``Z(M_u)``, phase 2 is the mean over the prefixes ``m`` of ``PL([P_u, T_u[:m]]; Z)``, so
+      observed items must rank above the unobserved targets (``merged_rank_loss``).
 
     ``method_state`` holds the final selection (counts per checkpoint and mean index per teacher),
     the phase, the switch epoch and the DKC epochs; the student itself ends in its best state.
@@ -86,6 +146,11 @@ class HetComp(Distiller):
         "score_clamp": 40.0,
         "log_floor": 1e-5,
         "floor_on": "denominator",
+        # ablation switches (the full method: dkc true, adaptive loss, separate lists)
+        "dkc": True,
+        "switch_epoch": None,
+        "loss": "adaptive",
+        "separate_observed": True,
     }
 
     def __init__(self, split, knowledge, student, config, device):
@@ -115,10 +180,25 @@ class HetComp(Distiller):
         if self.floor_on not in ("denominator", "ratio"):
             raise HetCompError(f"hetcomp: floor_on must be 'denominator' or 'ratio', got {self.floor_on!r}")
         self.weights = {"overall": float(cfg["overall_weight"]), "rank": float(cfg["rank_weight"])}
+        self.use_dkc, self.separate = cfg["dkc"], cfg["separate_observed"]
+        if not isinstance(self.use_dkc, bool) or not isinstance(self.separate, bool):
+            raise HetCompError("hetcomp: dkc and separate_observed must be true or false")
+        self.loss_mode = str(cfg["loss"])
+        if self.loss_mode not in ("adaptive", "overall", "rank"):
+            raise HetCompError(f"hetcomp: loss must be 'adaptive', 'overall' or 'rank', got {self.loss_mode!r}")
+        fixed_switch = not self.use_dkc and self.loss_mode == "adaptive"
+        if fixed_switch != (cfg["switch_epoch"] is not None):
+            raise HetCompError("hetcomp: switch_epoch is needed exactly when dkc is false and loss is adaptive")
+        switch_epoch = cfg["switch_epoch"]
+        if fixed_switch and (isinstance(switch_epoch, bool) or not isinstance(switch_epoch, int) or switch_epoch < 0):
+            raise HetCompError(f"hetcomp: switch_epoch must be an epoch (an integer >= 0), got {switch_epoch!r}")
+        self.fixed_switch = switch_epoch
 
         self.dkc = DynamicKnowledgeConstruction(
             knowledge.trajectories, depth=int(cfg["dkc_depth"]), alpha=float(cfg["alpha"]),
             decay=float(cfg["alpha_decay"]), period=self.period, eps=float(cfg["dkc_eps"]))
+        if not self.use_dkc:                     # the final ensemble's knowledge from the start
+            self.dkc.idx.fill_(self.dkc.last)
         self.targets = self._ensemble(np.arange(n_users)).to(self.device)              # [U, K]
         n_obs = int(cfg["n_observed"])
         observed = np.full((n_users, n_obs), -1, dtype=np.int64)
@@ -133,7 +213,7 @@ class HetComp(Distiller):
         self.factorized = hasattr(student, "user_emb") and hasattr(student, "item_emb")
         self.workspace = Workspace()
 
-        self.phase = 1
+        self.phase = 2 if self.loss_mode == "rank" else 1
         self.switch_epoch: int | None = None
         self.dkc_epochs: list[int] = []
         self.dkc_seconds: list[float] = []
@@ -172,7 +252,11 @@ class HetComp(Distiller):
         observed_mask = observed >= 0
         rows = torch.arange(len(users), device=users.device).unsqueeze(1)
         # both ordered by row, as factorized_rest_log_mass needs
-        exclude = [self._train_entries(users), (rows * n_items + targets).flatten()]
+        if self.separate:   # training items and T_u leave the rest mass
+            exclude = [self._train_entries(users), (rows * n_items + targets).flatten()]
+        else:               # the merged list leaves it (padded entries repeat a target)
+            listed = torch.cat([torch.where(observed_mask, observed, targets[:, :1]), targets], 1)
+            exclude = [(rows * n_items + listed).flatten()]
         if self.factorized:
             user_vectors = self.student.user_emb(users)
             item_table = self.student.item_emb.weight
@@ -192,8 +276,8 @@ class HetComp(Distiller):
             mask = torch.cat([observed_mask, torch.ones_like(targets, dtype=torch.bool)], 1)
             loss = overall_loss(scores, mask, log_rest, self.log_floor, self.floor_on)
             return {"overall": self.weights["overall"] * loss}
-        loss = rank_loss(scores[:, :n_obs], observed_mask, scores[:, n_obs:], log_rest, self.prefixes,
-                         self.log_floor)
+        rank = rank_loss if self.separate else merged_rank_loss
+        loss = rank(scores[:, :n_obs], observed_mask, scores[:, n_obs:], log_rest, self.prefixes, self.log_floor)
         return {"rank": self.weights["rank"] * loss}
 
     def on_evaluation(self, epoch: int) -> None:
@@ -202,8 +286,12 @@ class HetComp(Distiller):
     def after_epoch(self, epoch: int) -> dict:
         trained_phase = self.phase
         record: dict = {}
-        if self.phase == 1 and epoch >= self.period and epoch % self.period == 0:
+        dkc_due = epoch >= self.period and epoch % self.period == 0
+        # DKC runs until the knowledge is final (with one checkpoint: once, as the official loop)
+        if self.use_dkc and dkc_due and not (self.dkc_epochs and self.knowledge_final()):
             record["dkc"] = self.run_dkc(epoch)
+        elif self.fixed_switch is not None and self.phase == 1 and epoch >= self.fixed_switch:
+            self._switch(epoch)
         if self._evaluated or record:
             self._evaluated = False
             record["phase"] = trained_phase
@@ -233,11 +321,8 @@ class HetComp(Distiller):
         moved = np.flatnonzero(advanced.any(0).numpy())
         if len(moved):
             self.targets[torch.from_numpy(moved).to(self.device)] = self._ensemble(moved).to(self.device)
-        v_bar = np.round(self.dkc.mean_selection(), 2)
-        if v_bar.sum() >= self.dkc.n_teachers * self.dkc.last:
-            self.phase = 2
-            self.switch_epoch = epoch
-            log.info("hetcomp: switching to the ranking loss after epoch %d", epoch)
+        if self.knowledge_final() and self.loss_mode == "adaptive":
+            self._switch(epoch)
         self.dkc_epochs.append(epoch)
         seconds = time.perf_counter() - started
         self.dkc_seconds.append(seconds)
@@ -250,6 +335,16 @@ class HetComp(Distiller):
             "discrepancy": {name: [round(float(v), 4) for v in d[t].mean(1)] for t, name in enumerate(teachers)},
             "seconds": round(seconds, 3),
         }
+
+    def knowledge_final(self) -> bool:
+        """The official end of DKC: ``sum_x v_bar[x] >= T * (C - 1)``, ``v_bar`` rounded to 2 decimals."""
+        v_bar = np.round(self.dkc.mean_selection(), 2)
+        return bool(v_bar.sum() >= self.dkc.n_teachers * self.dkc.last)
+
+    def _switch(self, epoch: int) -> None:
+        self.phase = 2
+        self.switch_epoch = epoch
+        log.info("hetcomp: switching to the ranking loss after epoch %d", epoch)
 
     def selection_means(self) -> dict[str, float]:
         """Mean selected checkpoint index (0 .. C-1) per teacher."""
@@ -268,3 +363,16 @@ class HetComp(Distiller):
             "dkc_seconds_mean": round(float(np.mean(self.dkc_seconds)), 3) if self.dkc_seconds else None,
             "config": self.cfg,
         }
+
+    # -- resuming (hetcomp.checkpoint) -------------------------------------------------------
+    def extra_state(self) -> dict:
+        """The DKC selection (``idx``, ``last_d``, calls), the targets built from it, the phase,
+        the switch epoch and the DKC log."""
+        return {"idx": self.dkc.idx, "last_d": self.dkc.last_d, "calls": self.dkc.calls,
+                "targets": self.targets, "phase": self.phase, "switch_epoch": self.switch_epoch,
+                "dkc_epochs": list(self.dkc_epochs), "dkc_seconds": list(self.dkc_seconds)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.dkc.idx, self.dkc.last_d, self.dkc.calls = state["idx"], state["last_d"], state["calls"]
+        self.targets, self.phase, self.switch_epoch = state["targets"], state["phase"], state["switch_epoch"]
+        self.dkc_epochs, self.dkc_seconds = list(state["dkc_epochs"]), list(state["dkc_seconds"])

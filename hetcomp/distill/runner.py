@@ -6,7 +6,7 @@ A method YAML (``config/methods/NAME.yaml``, per-dataset overrides under ``datas
 with ``hetcomp.config.resolve_overrides`` beforehand) is flat; its keys go to three places:
 
 - loop keys (fields of ``hetcomp.training.LoopConfig``: ``lr, weight_decay, max_epochs,
-  eval_every, patience, select_metric``);
+  eval_every, patience, select_metric, round_select, checkpoint_every``);
 - student keys (``hetcomp.distill.student.STUDENT_DEFAULTS``: ``student_dim, batch_size,
   init_std``);
 - method keys, checked against the method class's ``defaults`` dict (class attribute; a key it
@@ -15,6 +15,10 @@ with ``hetcomp.config.resolve_overrides`` beforehand) is flat; its keys go to th
 
 Numbers are converted from strings where the default is a number (YAML 1.1 reads ``1e-3``
 without a dot as a string); method keys may be ``null`` to switch a feature off.
+
+The top-level ``tune`` key (a validation grid of loop/method keys for ``hetcomp tune``) goes to
+none of them: it is checked here (every point must resolve) and kept as ``MethodConfig.grid``;
+a run uses the YAML's own values unless a chosen point is overlaid (``hetcomp distill --tuned``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from hetcomp.config import check_keys, coerce_number, config_hash
+from hetcomp.config import check_keys, coerce_number, config_hash, grid_points, split_tune
 from hetcomp.data.store import Split
 from hetcomp.distill.student import STUDENT_DEFAULTS, build_student
 from hetcomp.errors import HetCompError
@@ -52,11 +56,12 @@ class MethodConfig:
     loop: LoopConfig
     student: dict
     method: dict
+    #: The points of the YAML's ``tune`` grid (empty without one); not applied to this config.
+    grid: list[dict] = field(default_factory=list)
 
     def effective(self) -> dict:
         """All keys with their values (what the run used), for ``run_info.json`` and the hash."""
         return {**dataclasses.asdict(self.loop), **self.student, **self.method}
-
 
 
 def method_defaults(method_cls) -> dict:
@@ -64,32 +69,40 @@ def method_defaults(method_cls) -> dict:
 
 
 def resolve_method_config(method_cls, config: Mapping[str, Any], where: str) -> MethodConfig:
-    """Split and check a resolved (override-merged) method config; unknown keys are errors."""
+    """Split and check a resolved (override-merged) method config; unknown keys are errors.
+
+    A ``tune`` grid may name loop and method keys only; each of its points must resolve too.
+    """
     defaults = method_defaults(method_cls)
+    config, tune = split_tune(config)
+    resolved = _resolve(defaults, config, where)
+    if tune is not None:
+        resolved.grid = grid_points(tune, {**LOOP_DEFAULTS, **defaults}, where)
+        for point in resolved.grid:
+            _resolve(defaults, {**config, **point}, f"{where}, tune point {point}")
+    return resolved
+
+
+def _resolve(defaults: dict, config: Mapping[str, Any], where: str) -> MethodConfig:
     clash = sorted(set(defaults) & (set(LOOP_DEFAULTS) | set(STUDENT_DEFAULTS)))
     if clash:
         raise HetCompError(f"{where}: method keys {', '.join(clash)} clash with loop/student keys")
     check_keys(config, {**LOOP_DEFAULTS, **STUDENT_DEFAULTS, **defaults}, where)
-    loop = {k: coerce_number(v, LOOP_DEFAULTS[k], k, where) for k, v in config.items() if k in LOOP_DEFAULTS}
+    loop_config = LoopConfig.from_config(config, where)
     student = {k: coerce_number(config.get(k, d), d, k, where) for k, d in STUDENT_DEFAULTS.items()}
     method = {k: coerce_number(config.get(k, d), d, k, where, nullable=True) for k, d in defaults.items()}
-    try:
-        loop_config = LoopConfig(**loop)
-    except TypeError as exc:
-        raise HetCompError(f"{where}: {exc}") from None
-    if loop_config.max_epochs < 1 or loop_config.eval_every < 1 or loop_config.patience < 1:
-        raise HetCompError(f"{where}: max_epochs, eval_every and patience must be >= 1")
     return MethodConfig(loop=loop_config, student=student, method=method)
 
 
 def run_distillation(method_name: str, split: Split, knowledge: TeacherKnowledge | None,
                      config: Mapping[str, Any], seed: int, device: torch.device | str,
-                     where: str | None = None):
+                     where: str | None = None, checkpoint: Checkpoint | None = None):
     """Train the student with ``method_name``; returns ``(FitResult, distiller)``.
 
     ``config`` is the method YAML after per-dataset overrides. Methods with
     ``uses_knowledge = False`` ignore ``knowledge``; the others need it. The student ends in
-    its best state (validation ``select_metric``).
+    its best state (validation ``select_metric``). With ``checkpoint`` the run resumes from it
+    and saves to it (``hetcomp.training.fit``).
     """
     load_all()
     method_cls = METHODS.get(method_name)
@@ -111,7 +124,7 @@ def run_distillation(method_name: str, split: Split, knowledge: TeacherKnowledge
     evaluator = Evaluator(split, device=device)
     log.info("distilling with %s on %s (%d users, %d items), seed %d, %s", method_name,
              split.meta.get("dataset", "?"), split.n_users, split.n_items, seed, device)
-    result = fit(distiller, evaluator, resolved.loop, generator)
+    result = fit(distiller, evaluator, resolved.loop, generator, checkpoint)
     return result, distiller
 
 
@@ -127,7 +140,8 @@ def write_distillation_outputs(out: str | Path, *, method_name: str, teacher: st
     with atomic_output_dir(out) as tmp:
         torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, tmp / "student.pt")
         info = run_info(config=config, config_hash=config_hash(config), seed=seed, device=device,
-                        wall_time_s=time.perf_counter() - started, **provenance)
+                        wall_time_s=time.perf_counter() - started, resumed_at_epochs=result.resumed_at,
+                        **provenance)
         write_run_outputs(tmp, metrics=metrics, valid=result.valid, test=result.test,
                           history=result.history, info=info)
         write_json(tmp / "method_state.json", state)

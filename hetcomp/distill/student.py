@@ -7,7 +7,7 @@ import torch
 from hetcomp.models.base import Recommender
 from hetcomp.registry import MODELS
 
-#: Student keys of a method YAML and their defaults (HETCOMP_SPEC §3: MF, dim 6, N(0, 0.01^2)
+#: Student keys of a method YAML and their defaults (docs/METHOD.md, "Student": MF, dim 6, N(0, 0.01^2)
 #: initialisation, batches of 1,024 training interactions).
 STUDENT_DEFAULTS = {"student_dim": 6, "batch_size": 1024, "init_std": 0.01}
 

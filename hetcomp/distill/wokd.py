@@ -12,7 +12,7 @@ class WithoutKD(Distiller):
 
     Same student, batches (1,024 shuffled training interactions, one sampled negative each),
     optimiser and early stopping as HetComp, so the row isolates the effect of distillation.
-    Note that HetComp itself does not use the BPR loss (HETCOMP_SPEC §4.8).
+    Note that HetComp itself does not use the BPR loss (docs/METHOD.md, "Losses").
     """
 
     uses_knowledge = False

@@ -116,3 +116,12 @@ class ModelTask:
 
     def load_state_dict(self, state):
         return self.model.load_state_dict(state)
+
+    def extra_state(self):
+        """The ``on_evaluation`` callback's state (a teacher's recorded trajectory), if it keeps one."""
+        keeps = hasattr(self._on_evaluation, "extra_state")
+        return {"on_evaluation": self._on_evaluation.extra_state()} if keeps else {}
+
+    def load_extra_state(self, state):
+        if "on_evaluation" in state:
+            self._on_evaluation.load_extra_state(state["on_evaluation"])

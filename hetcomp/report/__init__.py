@@ -13,6 +13,14 @@ DISPLAY_NAMES = {
     "ensemble": "Ensemble",
 }
 
+#: HetComp's ablations (``hetcomp.distill.hetcomp.ABLATIONS``): name -> what they remove. They
+#: get their own table (ablation.md) and stay out of the comparisons with the baselines.
+ABLATION_LABELS = {
+    "hetcomp_nodkc": "w/o DKC", "hetcomp_phase1": "phase-1 loss only", "hetcomp_phase2": "phase-2 loss only",
+    "hetcomp_nosep": "w/o observed/unobserved separation",
+}
+DISPLAY_NAMES.update({name: f"HetComp {label}" for name, label in ABLATION_LABELS.items()})
+
 METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG"}
 
 

@@ -17,7 +17,8 @@ it is read from the workflow's folder layout (``.../<dataset>/seed<seed>/<method
 
 The extras folder holds ``history.csv`` (every student's per-evaluation records, flattened to
 ``key, value``: ``valid/recall@50``, ``loss/kd``, HetComp's selection, ...), ``datasets.csv``
-(split statistics), ``cost.csv`` and ``discrepancy.csv`` (from ``hetcomp cost`` folders).
+(split statistics), ``cost.csv`` and ``discrepancy.csv`` (from ``hetcomp cost`` folders) and
+``tuning.csv`` (every point of every ``hetcomp tune`` grid, ``hetcomp.tuning.read_tunings``).
 """
 
 from __future__ import annotations
@@ -154,14 +155,18 @@ def flatten(record: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
 
 
 def history_rows(run_dir: str | Path, kind: str) -> list[dict]:
-    """Flattened per-evaluation records of a run's history.jsonl (empty if it has none)."""
+    """Flattened per-evaluation records of a run's history (``history.jsonl``, or a reference
+    record's ``history.jsonl.gz``; empty if it has none)."""
+    from hetcomp.reference import read_history_lines
+
     run_dir = Path(run_dir)
     path = run_dir / "history.jsonl"
-    if not path.is_file():
+    lines = read_history_lines(run_dir)
+    if lines is None:
         return []
     ident = identify(run_dir, kind)
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -230,9 +235,11 @@ def cost_frames(cost_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataF
 
 
 def aggregate(*, teachers: Sequence = (), ensembles: Sequence = (), students: Sequence = (),
-              splits: Sequence = (), cost: Sequence = ()) -> dict[str, pd.DataFrame]:
+              splits: Sequence = (), cost: Sequence = (), tuning: Sequence = ()) -> dict[str, pd.DataFrame]:
     """Every frame ``hetcomp aggregate`` writes: ``long``, ``history``, ``datasets``, ``cost``,
-    ``discrepancy``."""
+    ``discrepancy``, ``tuning``."""
+    from hetcomp.tuning import read_tunings
+
     long_rows, history = [], []
     for kind, dirs in (("teacher", teachers), ("ensemble", ensembles), ("student", students)):
         for run_dir in dirs:
@@ -253,10 +260,11 @@ def aggregate(*, teachers: Sequence = (), ensembles: Sequence = (), students: Se
         "datasets": pd.DataFrame([dataset_row(s) for s in splits], columns=DATASET_COLUMNS),
         "cost": cost_frame,
         "discrepancy": discrepancy,
+        "tuning": read_tunings(tuning),
     }
 
 
-EXTRAS = ("history", "datasets", "cost", "discrepancy")
+EXTRAS = ("history", "datasets", "cost", "discrepancy", "tuning")
 
 
 def read_extras(extras_dir: str | Path) -> dict[str, pd.DataFrame]:

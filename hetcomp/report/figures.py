@@ -34,13 +34,16 @@ def set_theme() -> None:
 
 
 def _save(fig, path: Path) -> None:
-    """Write the PNG atomically (temporary sibling, then rename)."""
+    """Write the PNG atomically (temporary sibling, then rename) with the usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -149,7 +152,9 @@ def accuracy_vs_cost(long: pd.DataFrame, cost: pd.DataFrame, path: Path) -> None
             match = accuracy[sel]
         match = match[match["dataset"] == r.dataset]
         if len(match):
-            points.append({"dataset": r.dataset, "kind": r.kind, "name": display(r.name),
+            single = r.kind == "student" and isinstance(r.teacher, str) and r.teacher not in ("", "ensemble", "none")
+            name = f"{display(r.name)} ({display(r.teacher)})" if single else display(r.name)
+            points.append({"dataset": r.dataset, "kind": r.kind, "name": name,
                            "latency_ms": r.latency_ms, "n_parameters": r.n_parameters,
                            "recall": float(match["value"].iloc[0])})
     if not points:
@@ -162,11 +167,11 @@ def accuracy_vs_cost(long: pd.DataFrame, cost: pd.DataFrame, path: Path) -> None
         sns.scatterplot(data=sub, x="latency_ms", y="recall", hue="kind", style="kind", s=70,
                         hue_order=["teacher", "ensemble", "student"], style_order=["teacher", "ensemble", "student"],
                         ax=ax, legend=ax is axes[0][-1])
-        for r in sub.itertuples():  # students sit together: name only w/o KD and HetComp
-            if r.kind != "student" or r.name in (display("wokd"), display("hetcomp")):
-                ax.annotate(r.name, (r.latency_ms, r.recall), textcoords="offset points", xytext=(4, 3),
-                            fontsize=7)
+        for r in sub[sub["kind"] != "student"].itertuples():
+            ax.annotate(r.name, (r.latency_ms, r.recall), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7)
         ax.set_xscale("log")
+        _label_students(ax, sub[sub["kind"] == "student"])
         ax.set_xlabel("latency per batch (ms, log scale)")
         ax.set_ylabel("test Recall@50")
         ax.set_title(dataset)
@@ -174,6 +179,24 @@ def accuracy_vs_cost(long: pd.DataFrame, cost: pd.DataFrame, path: Path) -> None
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title=None)
     fig.suptitle(title, y=1.03)
     _save(fig, path)
+
+
+def _label_students(ax, students: pd.DataFrame) -> None:
+    """Name every student: the students share one latency, so their names go in a column to the
+    right of the points, in recall order, spaced so that none overlap, each joined to its point."""
+    if students.empty:
+        return
+    students = students.sort_values("recall")
+    low, high = ax.get_ylim()
+    gap = 0.05 * (high - low)
+    x = students["latency_ms"].max() * 3
+    y = -float("inf")
+    for r in students.itertuples():
+        y = max(r.recall, y + gap)
+        ax.annotate(r.name, (r.latency_ms, r.recall), xytext=(x, y), textcoords="data", fontsize=6.5,
+                    va="center", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
+    ax.set_ylim(low, max(high, y + gap))
 
 
 def discrepancy(frame: pd.DataFrame, teachers: Sequence[str], path: Path,

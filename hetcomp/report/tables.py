@@ -13,6 +13,9 @@ highest mean) by a two-sided paired t-test (``scipy.stats.ttest_rel``):
 
 HetComp's value is marked with ``*`` when it is higher and p < alpha, with ``†`` when it is lower
 and p < alpha; the tests and p-values are listed under the table.
+
+Settings: a note under the main table names the point each tuned method trained (chosen on
+validation by ``hetcomp tune``, from the aggregate's ``tuning.csv``); ``tuning.md`` lists every grid.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 from scipy import stats
 from tabulate import tabulate
 
-from hetcomp.report import METRIC_NAMES, display
+from hetcomp.report import ABLATION_LABELS, METRIC_NAMES, display
 from hetcomp.report.aggregate import per_user_values
 
 NA = "n/a"
@@ -74,8 +77,10 @@ def ordered_methods(present: Sequence[str], configured: Sequence[str] = ()) -> l
 
 
 def main_students(long: pd.DataFrame) -> pd.DataFrame:
-    """Students of the main comparison: distilling the ensemble, or no teacher at all (w/o KD)."""
-    return long[(long["kind"] == "student") & long["teacher"].isin(["ensemble", "none"])]
+    """Students of the main comparison: distilling the ensemble, or no teacher at all (w/o KD);
+    HetComp's ablations have their own table (``ablation_markdown``)."""
+    return long[(long["kind"] == "student") & long["teacher"].isin(["ensemble", "none"])
+                & ~long["method"].isin(list(ABLATION_LABELS))]
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,8 +144,9 @@ def significance(students: pd.DataFrame, ks: Sequence[int], datasets: Sequence[s
 # ------------------------------------------------------------------------------------------
 
 def main_table(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (), alpha: float = 0.05,
-               datasets: Sequence[str] | None = None) -> dict:
-    """Cells of the main table: ``{"datasets", "methods", "columns", "cells", "bold", "marked", "tests"}``."""
+               datasets: Sequence[str] | None = None, tuning: pd.DataFrame | None = None) -> dict:
+    """Cells of the main table: ``{"datasets", "methods", "columns", "cells", "bold", "marked", "tests",
+    "settings"}`` (``settings``: the chosen rows of ``tuning`` for the table's methods)."""
     students = test_rows(main_students(long), ks)
     datasets = list(datasets or dict.fromkeys(students["dataset"]))
     present = list(dict.fromkeys(students["method"]))
@@ -158,8 +164,19 @@ def main_table(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (
     tests = significance(students, ks, datasets)
     marked = {(HETCOMP, r.dataset, r.metric, int(r.K)): ("better" if r.hetcomp > r.baseline_mean else "worse")
               for r in tests.itertuples() if r.p is not None and not pd.isna(r.p) and r.p < alpha}
+    settings = pd.DataFrame() if tuning is None or tuning.empty else \
+        tuning[tuning["chosen"].astype(bool) & tuning["method"].isin(rows)]
     return {"datasets": datasets, "methods": rows, "columns": columns, "cells": cells, "bold": bold,
-            "marked": marked, "tests": tests, "alpha": alpha}
+            "marked": marked, "tests": tests, "alpha": alpha, "settings": settings}
+
+
+def settings_note(settings: pd.DataFrame) -> str:
+    """Which setting the rows used: the tuned points, else the method YAMLs' values."""
+    if settings is None or settings.empty:
+        return "Settings: every row trained the values of its method YAML (no validation tuning)."
+    chosen = "; ".join(f"{display(r.method)} on {r.dataset}: {r.setting}" for r in settings.itertuples())
+    return (f"Settings: chosen on validation Recall@50 by `hetcomp tune` (grids in tuning.md): {chosen}. "
+            "Every other row trained the values of its method YAML.")
 
 
 def _cell_text(table: dict, key: tuple, bold: tuple[str, str], marks: dict) -> str:
@@ -181,7 +198,8 @@ def main_markdown(table: dict) -> str:
     lines = ["# Main results: test metrics of the student", "",
              "Mean ± std over seeds at the best validation epoch; best of each column in **bold**. "
              f"HetComp vs the best other method of the column (two-sided paired t-test, p < {table['alpha']}, "
-             "see below): `*` significantly higher, `†` significantly lower.", ""]
+             "see below): `*` significantly higher, `†` significantly lower.", "",
+             settings_note(table.get("settings")), ""]
     if not body:
         lines.append("No student runs were found.")
         return "\n".join(lines) + "\n"
@@ -380,10 +398,19 @@ def paper_markdown(long: pd.DataFrame, paper: pd.DataFrame, ks: Sequence[int], m
     """Ours (test, mean ± std) beside the published value and the difference; n/a where missing.
 
     Rows: per dataset, the students (main-table order), the ensemble, the teachers, each at
-    Recall@K then NDCG@K; then published rows we have no run for.
+    Recall@K then NDCG@K; then published rows we have no run for. Without any published value,
+    a pointer to claims.md instead of an all-n/a table.
     """
+    lines = ["# Reproduction vs paper", "",
+             "Ours: test metric, mean ± std over seeds. Paper: the value entered in the paper-results "
+             "file (config/paper_results.csv); n/a where none was entered. Difference: ours − paper.", ""]
+    if paper["value"].dropna().empty:
+        return "\n".join(lines + [
+            "No published value was entered in the paper-results file, so there is nothing to compare "
+            "number by number. The paper's qualitative claims are checked on these runs in claims.md."]) + "\n"
     test = test_rows(long, ks)
     ours = test[(test["kind"] != "student") | test["teacher"].isin(["ensemble", "none"])]
+    ours = ours[~ours["method"].isin(list(ABLATION_LABELS))]
     summary = summarize(ours, ["dataset", "kind", "method", "metric", "K"])
     students = ordered_methods(list(dict.fromkeys(summary[summary["kind"] == "student"]["method"])), methods)
     present = list(dict.fromkeys(summary[summary["kind"] == "teacher"]["method"]))
@@ -398,9 +425,6 @@ def paper_markdown(long: pd.DataFrame, paper: pd.DataFrame, ks: Sequence[int], m
     keys = list(dict.fromkeys((r.dataset, r.method, r.metric, int(r.K)) for r in summary.itertuples()))
     published = {(str(r.dataset), str(r.method), str(r.metric), int(r.k)): r.value for r in paper.itertuples()}
     keys += [key for key in published if key not in set(keys) and key[3] in set(map(int, ks))]
-    lines = ["# Reproduction vs paper", "",
-             "Ours: test metric, mean ± std over seeds. Paper: the value entered in the paper-results "
-             "file (config/paper_results.csv); n/a where none was entered. Difference: ours − paper.", ""]
     if not keys:
         return "\n".join(lines + ["Nothing to compare."]) + "\n"
     by_key = {(r.dataset, r.method, r.metric, int(r.K)): r for r in summary.itertuples()}
@@ -418,4 +442,56 @@ def paper_markdown(long: pd.DataFrame, paper: pd.DataFrame, ks: Sequence[int], m
                           tablefmt="github", disable_numparse=True))
     n_published = sum(1 for v in published.values() if not pd.isna(v))
     lines += ["", f"{n_published} published value(s) entered."]
+    return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(tuning: pd.DataFrame) -> str:
+    """Every validation grid of ``hetcomp tune``: per (dataset, method) its points and the choice."""
+    lines = ["# Validation tuning of the baselines", "",
+             "Each method with a `tune` grid in its YAML trained every point on one seed; the point with "
+             "the best validation Recall@50 (the first on a tie) was used for all its runs. Test metrics "
+             "played no part and are not shown.", ""]
+    if tuning is None or tuning.empty:
+        return "\n".join(lines + ["No method was tuned (no `tune` grid, or config tune.enabled: false)."]) + "\n"
+    for (dataset, method), frame in tuning.groupby(["dataset", "method"], sort=False):
+        lines += [f"## {display(method)} on {dataset} (seed {frame['seed'].iloc[0]})", ""]
+        body = [["**chosen**" if bool(r["chosen"]) else "", r["setting"], fmt(r["valid_recall@50"]),
+                 fmt(r["valid_ndcg@50"]), NA if pd.isna(r["best_epoch"]) else int(r["best_epoch"]),
+                 f"{r['train_time_s']:.1f}"] for r in frame.to_dict("records")]
+        lines += [tabulate(body, headers=["", "Setting", "Valid R@50", "Valid N@50", "Best epoch",
+                                          "Train time (s)"], tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Ablations
+# ------------------------------------------------------------------------------------------
+
+def ablation_markdown(long: pd.DataFrame, ks: Sequence[int]) -> str:
+    """HetComp and each of its ablations (``ABLATION_LABELS``) found: test mean ± std per column."""
+    test = test_rows(long, ks)
+    runs = test[(test["kind"] == "student") & (test["teacher"] == "ensemble")
+                & test["method"].isin([HETCOMP, *ABLATION_LABELS])]
+    rows = [m for m in [HETCOMP, *ABLATION_LABELS] if m in set(runs["method"])]
+    lines = ["# Ablations of HetComp", "",
+             "Test metrics at the best validation epoch, mean ± std over seeds. Each ablation is HetComp "
+             "with one switch changed (docs/METHOD.md, \"Ablations\"):", ""]
+    lines += [f"- **{display(m)}** (`{m}`)" for m in ABLATION_LABELS]
+    lines.append("")
+    if not any(m in ABLATION_LABELS for m in rows):
+        return "\n".join(lines + ["No ablation run was found: add "
+                                   f"{', '.join(ABLATION_LABELS)} to the config's `methods`."]) + "\n"
+    datasets = list(dict.fromkeys(runs["dataset"]))
+    summary = summarize(runs, ["method", "dataset", "metric", "K"]).set_index(["method", "dataset", "metric", "K"])
+    header = ["Method"] + [f"{d} {metric_label(m, k, short=True)}" for d in datasets for m, k in metric_columns(ks)]
+    body = []
+    for method in rows:
+        line = [display(method)]
+        for d in datasets:
+            for m, k in metric_columns(ks):
+                key = (method, d, m, k)
+                line.append(fmt(*summary.loc[key, ["mean", "std"]], int(summary.loc[key, "n"]))
+                            if key in summary.index else NA)
+        body.append(line)
+    lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))
     return "\n".join(lines) + "\n"

@@ -1,13 +1,49 @@
 # Shared helpers: paths of every stage, the interpreter, per-dataset resources.
 # No model logic here: everything below only computes file names and command-line fragments.
+import math
 import shlex
 import sys
+import urllib.request
 from pathlib import Path
 
+import jsonschema
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 REPO_ROOT = Path(workflow.basedir).resolve()
+if str(REPO_ROOT) not in sys.path:  # the driver imports two small modules of hetcomp (stdlib + yaml)
+    sys.path.insert(0, str(REPO_ROOT))
+from hetcomp.data.fetch import OFFLINE_VAR, missing_file_message, offline, resolve_data_dir  # noqa: E402
+from hetcomp.plan import describe, estimate, load_job_times, tuning_points  # noqa: E402
+from hetcomp.reference import is_finished  # noqa: E402
+from snakemake.utils import validate  # noqa: E402
+
+
+def stop(message):
+    """End the workflow before any job with one line on stderr (no traceback, no schema dump)."""
+    print(f"hetcomp workflow: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def validate_config(schema_path):
+    """Snakemake's validation (which fills in the defaults), but a config error is reported in
+    one line naming the key and, for an unknown key, the allowed ones (not the whole schema)."""
+    schema = yaml.safe_load((REPO_ROOT / schema_path).read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "top level"
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            allowed = sorted(error.schema.get("properties", {}))
+            unknown = sorted(set(error.instance) - set(allowed))
+            message = f"unknown key(s) {', '.join(unknown)} ({where}); allowed: {', '.join(allowed)}"
+        else:
+            message = f"{where}: {error.message[:300]}"
+        stop(f"invalid config: {message} (see {schema_path})")
+    validate(config, str(REPO_ROOT / schema_path))
+
+
+validate_config("workflow/schemas/config.schema.yaml")
 
 # Without --use-conda, rules run in the Python environment Snakemake itself runs in (so
 # `.venv/bin/snakemake` works without activating the venv); with it, in the rule's conda env.
@@ -57,6 +93,54 @@ METHODS = [str(m) for m in config["methods"]]
 CONTROL_METHODS = [str(m) for m in config["control"]["methods"]]
 CONTROL_TEACHERS = [str(t) for t in config["control"]["teachers"]]
 COST_SEED = SEEDS[0] if config["cost"]["seed"] is None else int(config["cost"]["seed"])
+
+
+# ---------------------------------------------------------------------------------------
+# Before any job: every raw file of a dataset still to prepare is in the data directory or can
+# be downloaded (it has a URL, HETCOMP_OFFLINE is not set and the URL answers); else stop with one
+# line naming the file, its URL and where to put it. Only the main Snakemake process checks.
+def _url_answers(url, timeout=10):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _check_raw_data():
+    data_dir = resolve_data_dir(config["data_dir"])
+    for dataset in DATASETS:
+        if Path(WORK, "splits", dataset, "meta.json").is_file():
+            continue
+        yaml_path = Path(dataset_config(dataset) or f"config/datasets/{dataset}.yaml")
+        if not yaml_path.is_file():
+            stop(f"dataset {dataset}: no {yaml_path} (shipped datasets: config/datasets/; "
+                 "your own: dataset_configs in the config)")
+        sources = (yaml.safe_load(yaml_path.read_text()) or {}).get("sources") or []
+        for source in sources:
+            path, url = source.get("path"), source.get("url")
+            if not path or (data_dir / path).is_file():
+                continue
+            if not url:
+                reason = ""
+            elif offline():
+                reason = f"{OFFLINE_VAR} is set"
+            elif not _url_answers(url):
+                reason = "no answer from its URL"
+            else:
+                continue  # `hetcomp prepare` downloads it
+            stop(f"dataset {dataset}: {missing_file_message(data_dir, path, url, reason)}")
+
+
+def print_plan():
+    """Jobs per rule and the time estimate (hetcomp/plan.py), printed before the first job."""
+    jobs = [(job.rule.name, dict(job.wildcards_dict or {}), int(job.threads))
+            for job in workflow.dag.needrun_jobs()]
+    table = load_job_times(REPO_ROOT / "config" / "job_times.yaml")
+    points = tuning_points({str(job[1].get("method")) for job in jobs if job[0] == "tune"},
+                           Path(config["method_configs"]))
+    cores = workflow.cores if workflow.local_exec else None
+    print(describe(estimate(jobs, table, WORK, points), cores, table), file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +194,8 @@ def all_cost_dirs():
     return [cost_dir(d) for d in DATASETS] if config["cost"]["enabled"] else []
 
 
-TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md"]
+TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md",
+          "tuning.md", "claims.md", "ablation.md", "reproduction.md"]
 FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.png",
            "discrepancy.png", "homogeneous_vs_heterogeneous.png"]
 
@@ -141,10 +226,6 @@ def teacher_config(wildcards):
 
 def method_config(method):
     return f"{config['method_configs']}/{method}.yaml"
-
-
-def control_config(wildcards):
-    return method_config(wildcards.method)
 
 
 def uses_ensemble(method):
@@ -210,6 +291,7 @@ def distill_inputs(wildcards):
     inputs = {"split": split_dir(wildcards.dataset), "config": method_config(wildcards.method)}
     if uses_ensemble(wildcards.method):
         inputs["ensemble"] = ensemble_dir(wildcards.dataset, wildcards.seed)
+    inputs.update(tuned_input(wildcards))
     return inputs
 
 
@@ -227,6 +309,9 @@ def seed_students(wildcards):
 
 def report_args(wildcards, input):
     paper = f" --paper {input.paper}" if "paper" in input.keys() else ""
+    reference = REFERENCE["long"]
+    if reference and Path(reference).is_file():
+        paper += f" --reference-long {reference}"
     return (f"--long {input.long} --extras {input.extras}{paper}"
             f" --ks {' '.join(map(str, config['ks']))} --alpha {config['report']['alpha']}"
             f" --methods {' '.join(METHODS)} --teachers {' '.join(TEACHERS)}")
@@ -235,3 +320,87 @@ def report_args(wildcards, input):
 def output_folder(wildcards, output):
     """The folder of a rule's first output (the tables or figures folder of `hetcomp report`)."""
     return str(Path(output[0]).parent)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation tuning (`hetcomp tune`, config `tune`): a method whose YAML has a `tune` grid is
+# tuned once per dataset on the tuning seed; its runs and controls then train the chosen point.
+def _tune_grid(method, dataset=None):
+    """The method YAML's `tune` mapping (a per-dataset override of it included), or None."""
+    path = Path(method_config(method))
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    override = ((raw.get("datasets") or {}).get(dataset) or {}) if dataset else {}
+    return override.get("tune", raw.get("tune"))
+
+
+def _tuned_methods():
+    if not config["tune"]["enabled"]:
+        return []
+    return [m for m in dict.fromkeys(METHODS + CONTROL_METHODS) if _tune_grid(m) is not None]
+
+
+TUNE_SEED = SEEDS[0] if config["tune"]["seed"] is None else int(config["tune"]["seed"])
+if TUNE_SEED not in SEEDS:
+    raise WorkflowError(f"tune.seed {TUNE_SEED} is not one of seeds {SEEDS}")
+TUNED_METHODS = _tuned_methods()
+
+
+def tuning_dir(dataset, method):
+    return f"{WORK}/tuning/{dataset}/{method}"
+
+
+def all_tuning_dirs():
+    return [tuning_dir(d, m) for d in DATASETS for m in TUNED_METHODS]
+
+
+# ---------------------------------------------------------------------------------------
+# Reference records (config `reference`, hetcomp/reference.py): with `use`, a folder of the work
+# layout that has a record is replaced by the record, so its job (and what only it needed) is done.
+REFERENCE = config["reference"]
+
+
+def recorded(path):
+    """The record of a work-folder run, tuning or cost folder when `reference.use` and it exists."""
+    if REFERENCE["use"]:
+        record = Path(REFERENCE["dir"]) / Path(path).relative_to(WORK)
+        if is_finished(record):
+            return str(record)
+    return path
+
+
+def recorded_all(paths):
+    return [recorded(path) for path in paths]
+
+
+def tuned_input(wildcards):
+    """`{"tuned": folder}` for a run of a tuned method (its record, if used), else nothing."""
+    if wildcards.method in TUNED_METHODS:
+        return {"tuned": recorded(tuning_dir(wildcards.dataset, wildcards.method))}
+    return {}
+
+
+def tuned_arg(wildcards, input):
+    return f"--tuned {input.tuned}" if "tuned" in input.keys() else ""
+
+
+def tune_inputs(wildcards):
+    inputs = {"split": split_dir(wildcards.dataset), "config": method_config(wildcards.method)}
+    if uses_ensemble(wildcards.method):
+        inputs["ensemble"] = ensemble_dir(wildcards.dataset, TUNE_SEED)
+    return inputs
+
+
+def control_inputs(wildcards):
+    return {"split": split_dir(wildcards.dataset), "ensemble": ensemble_dir(wildcards.dataset, wildcards.seed),
+            "config": method_config(wildcards.method), **tuned_input(wildcards)}
+
+
+def tune_runtime(wildcards, attempt):
+    """The distill runtime times the number of grid points (the points train one after another)."""
+    tune = _tune_grid(wildcards.method, wildcards.dataset) or {}
+    points = math.prod(len(v) for v in tune.values() if isinstance(v, list)) if isinstance(tune, dict) else 1
+    return int(_resource("distill", wildcards.dataset, "runtime") * max(points, 1) * attempt)
+
+
+if workflow.is_main_process:  # after dataset_config() is defined
+    _check_raw_data()

@@ -1,6 +1,34 @@
 # Stage 3: the students (`hetcomp distill`). Every method distils the same ensemble of its
 # (dataset, seed); methods without a teacher (w/o KD) need none. The single-teacher controls
 # distil one teacher of that ensemble alone (`--teacher NAME`).
+# A method whose YAML has a `tune` grid is first tuned per dataset on the tuning seed
+# (`hetcomp tune`, config `tune`); its runs and controls then train the chosen point (`--tuned`).
+
+
+rule tune:
+    input:
+        unpack(tune_inputs),
+    output:
+        directory(f"{WORK}/tuning/{{dataset}}/{{method}}"),
+    params:
+        hetcomp=hetcomp,
+        ensemble=ensemble_arg,
+        seed=TUNE_SEED,
+        device=DEVICE,
+    log:
+        f"{WORK}/logs/tuning/{{dataset}}/{{method}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/tuning/{{dataset}}/{{method}}.tsv"
+    threads: threads("distill")
+    resources:
+        mem_mb=mem_mb("distill"),
+        runtime=tune_runtime,
+        gpu=gpus("distill"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} tune --method {wildcards.method} --split {input.split} {params.ensemble}"
+        " --config {input.config} --seed {params.seed} --device {params.device} --out {output} > {log} 2>&1"
 
 
 rule distill:
@@ -11,6 +39,7 @@ rule distill:
     params:
         hetcomp=hetcomp,
         ensemble=ensemble_arg,
+        tuned=tuned_arg,
         device=DEVICE,
     log:
         f"{WORK}/logs/runs/{{dataset}}/seed{{seed}}/{{method}}.log",
@@ -25,19 +54,18 @@ rule distill:
         CONDA_ENV
     shell:
         "{params.hetcomp} distill --method {wildcards.method} --split {input.split} {params.ensemble}"
-        " --config {input.config} --seed {wildcards.seed} --device {params.device}"
+        " --config {input.config} {params.tuned} --seed {wildcards.seed} --device {params.device}"
         " --out {output} > {log} 2>&1"
 
 
 rule distill_control:
     input:
-        split=f"{WORK}/splits/{{dataset}}",
-        ensemble=f"{WORK}/ensembles/{{dataset}}/seed{{seed}}",
-        config=control_config,
+        unpack(control_inputs),
     output:
         directory(f"{WORK}/controls/{{dataset}}/seed{{seed}}/{{method}}/{{teacher}}"),
     params:
         hetcomp=hetcomp,
+        tuned=tuned_arg,
         device=DEVICE,
     log:
         f"{WORK}/logs/controls/{{dataset}}/seed{{seed}}/{{method}}/{{teacher}}.log",
@@ -52,5 +80,5 @@ rule distill_control:
         CONDA_ENV
     shell:
         "{params.hetcomp} distill --method {wildcards.method} --split {input.split}"
-        " --ensemble {input.ensemble} --teacher {wildcards.teacher} --config {input.config}"
+        " --ensemble {input.ensemble} --teacher {wildcards.teacher} --config {input.config} {params.tuned}"
         " --seed {wildcards.seed} --device {params.device} --out {output} > {log} 2>&1"

@@ -38,16 +38,18 @@ rule cost:
 rule aggregate:
     input:
         splits=all_splits(),
-        teachers=all_teacher_runs(),
-        ensembles=all_ensembles(),
-        students=all_student_runs() + all_control_runs(),
-        cost=all_cost_dirs(),
+        teachers=recorded_all(all_teacher_runs()),
+        ensembles=recorded_all(all_ensembles()),
+        students=recorded_all(all_student_runs() + all_control_runs()),
+        cost=recorded_all(all_cost_dirs()),
+        tuning=recorded_all(all_tuning_dirs()),
     output:
         long=f"{RESULTS}/long.csv",
         extras=directory(f"{WORK}/aggregate"),
     params:
         hetcomp=hetcomp,
         cost=lambda wildcards, input: f"--cost {input.cost}" if input.cost else "",
+        tuning=lambda wildcards, input: f"--tuning {input.tuning}" if input.tuning else "",
     log:
         f"{WORK}/logs/aggregate.log",
     benchmark:
@@ -60,7 +62,7 @@ rule aggregate:
         CONDA_ENV
     shell:
         "{params.hetcomp} aggregate --splits {input.splits} --teachers {input.teachers}"
-        " --ensembles {input.ensembles} --students {input.students} {params.cost}"
+        " --ensembles {input.ensembles} --students {input.students} {params.cost} {params.tuning}"
         " --out {output.long} --extras {output.extras} > {log} 2>&1"
 
 
@@ -79,6 +81,11 @@ rule report_tables:
                         category="Tables"),
         paper=report(f"{RESULTS}/tables/paper_comparison.md", caption="../report/paper_comparison.rst",
                      category="Tables"),
+        tuning=report(f"{RESULTS}/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
+        claims=report(f"{RESULTS}/tables/claims.md", caption="../report/claims.rst", category="Tables"),
+        ablation=report(f"{RESULTS}/tables/ablation.md", caption="../report/ablation.rst", category="Tables"),
+        reproduction=report(f"{RESULTS}/tables/reproduction.md", caption="../report/reproduction.rst",
+                            category="Tables"),
     params:
         hetcomp=hetcomp,
         args=report_args,

@@ -1,0 +1,74 @@
+"""Reference records (hetcomp.reference, `hetcomp record`) and the reproduction check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hetcomp.cli import main
+from hetcomp.reference import finished_runs, record_all
+from hetcomp.report.aggregate import history_rows, run_rows
+from hetcomp.report.reproduction import TOLERANCE, reproduction_frame
+
+
+def _fake_run(path, method="rrd", seed=0, recall=0.2):
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps(
+        {"best_epoch": 10, "valid": {"recall@50": recall}, "test": {"recall@50": recall}}))
+    (path / "run_info.json").write_text(json.dumps({"seed": seed, "method": method, "config": {}}))
+    (path / "history.jsonl").write_text(json.dumps({"epoch": 0, "valid": {"recall@50": recall}}) + "\n")
+    np.savez_compressed(path / "per_user.npz", users=np.arange(3), **{"test/recall@50": np.ones(3)})
+    (path / "student.pt").write_bytes(b"x" * 4096)           # never recorded
+
+
+def test_record_copies_small_files_once_and_reports_read_them(tmp_path):
+    work, ref = tmp_path / "work", tmp_path / "reference"
+    _fake_run(work / "runs" / "ds" / "seed0" / "rrd")
+    (work / "runs" / "ds" / "seed1" / "rrd").mkdir(parents=True)  # unfinished: no run_info.json
+    assert [str(p) for p in finished_runs(work)] == ["runs/ds/seed0/rrd"]
+
+    written = record_all(work, ref)
+    record = ref / "runs" / "ds" / "seed0" / "rrd"
+    assert [str(p) for p, _ in written] == ["runs/ds/seed0/rrd"]
+    assert sorted(p.name for p in record.iterdir()) == [
+        "history.jsonl.gz", "metrics.json", "per_user.npz", "run_info.json"]
+    assert written[0][1] < 4096
+    # the reports read a record like the run itself
+    assert run_rows(record, "student")[0]["value"] == 0.2
+    assert history_rows(record, "student") == history_rows(work / "runs" / "ds" / "seed0" / "rrd", "student")
+    # a record is never overwritten
+    (work / "runs" / "ds" / "seed0" / "rrd" / "metrics.json").write_text("{}")
+    assert record_all(work, ref) == []
+    assert json.loads((record / "metrics.json").read_text())["best_epoch"] == 10
+
+
+def test_record_command(tmp_path, capsys):
+    _fake_run(tmp_path / "work" / "teachers" / "ds" / "seed0" / "mf")
+    assert main(["record", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "ref")]) == 0
+    assert "1 new record(s)" in capsys.readouterr().out
+    assert main(["record", "--work", str(tmp_path / "missing"), "--out", str(tmp_path / "ref")]) == 2
+
+
+def _long(values_by_seed, method="rrd"):
+    return pd.DataFrame([{"kind": "student", "dataset": "ds", "method": method, "teacher": "ensemble",
+                          "seed": seed, "split": "test", "metric": "recall", "K": 50, "value": value}
+                         for seed, value in values_by_seed.items()])
+
+
+def test_reproduction_verdicts():
+    reference = pd.concat([_long({0: 0.20, 1: 0.22, 2: 0.21}), _long({0: 0.30}, method="hetcomp")])
+    # two seeds: band = 2 std of the reference over seeds 0 and 1
+    std = float(np.std([0.20, 0.22], ddof=1))
+    frame = reproduction_frame(_long({0: 0.21, 1: 0.21}), reference, [50])
+    assert frame.loc[0, "verdict"] == "ok" and frame.loc[0, "band"] == pytest.approx(2 * std)
+    frame = reproduction_frame(_long({0: 0.30, 1: 0.30}), reference, [50])
+    assert frame.loc[0, "verdict"] == "outside"
+    # one seed: the fixed tolerance
+    assert reproduction_frame(_long({0: 0.30 + TOLERANCE / 2}, "hetcomp"), reference, [50]).loc[0, "verdict"] == "ok"
+    assert reproduction_frame(_long({0: 0.30 + 2 * TOLERANCE}, "hetcomp"), reference, [50]).loc[0, "verdict"] == "outside"
+    # seeds the reference lacks, or a method it lacks
+    assert reproduction_frame(_long({5: 0.2}), reference, [50]).loc[0, "verdict"] == "no reference"
+    assert reproduction_frame(_long({0: 0.2}, "cd"), reference, [50]).loc[0, "verdict"] == "no reference"
