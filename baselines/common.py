@@ -1,5 +1,5 @@
-"""Shared pieces of the KD baselines: pure loss functions, training masks, student rankings,
-sampling, and the ``KDBaseline`` distiller they all extend.
+"""Shared pieces of the KD baselines: pure loss functions, training masks, student rankings, and
+the ``KDBaseline`` distiller they all extend (negative sampling: ``baselines/sampling.py``).
 
 Conventions (every baseline):
 
@@ -8,7 +8,12 @@ Conventions (every baseline):
 - ``kd`` is computed for the **unique users** of the batch: each user's loss is summed over its
   list items and the per-user losses are **averaged** over those users.
 - The teacher is the final ensemble (``knowledge.final_topk``; MTD: each teacher's final list),
-  whose lists hold only non-training items; every "rest" set excludes the user's training items.
+  whose lists hold only non-training items, used whole and in teacher order (the HetComp authors
+  dropped the originals' sampling of top items, nothing else).
+- Negatives ("uninteresting" items) are *sampled* as in each original: ``draw_outside`` draws them
+  per user per epoch, uniformly from the user's items outside the list and the training items
+  (``baselines.sampling.ItemSampler``, seeded from the run's seed). ``rest_log_mass``, one mass over
+  every such item of the catalogue, is HetComp's own device and only a non-default option here.
 - Scores are not clamped (the official HetComp clamp to [-40, 40] is HetComp's own quirk).
 - Losses are pure tensor functions written with ``logsumexp``/``logcumsumexp``/``softplus``.
   Masked entries are filled with the large finite ``NEG`` instead of ``-inf`` (whose gradients
@@ -18,13 +23,15 @@ Conventions (every baseline):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from baselines.list_scores import list_scores
+from baselines.sampling import ItemSampler
 from hetcomp.config import merge_defaults
 from hetcomp.distill.base import Distiller
 from hetcomp.distill.losses import Workspace, factorized_rest_log_mass
@@ -33,9 +40,10 @@ from hetcomp.errors import HetCompError
 #: Stand-in for log(0): exp(NEG - x) == 0 for any realistic score x, yet all arithmetic stays finite.
 NEG = -1e30
 
-#: Keys of a method YAML that belong to the training loop or the student, not to the distiller.
+#: Keys of a method YAML that belong to the training loop, the student or the tuning grid, not to
+#: the distiller.
 LOOP_KEYS = frozenset({"lr", "weight_decay", "max_epochs", "eval_every", "patience", "select_metric",
-                       "student_dim", "batch_size", "init_std"})
+                       "round_select", "checkpoint_every", "student_dim", "batch_size", "init_std", "tune"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -47,41 +55,76 @@ def masked_logsumexp(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~keep, NEG).logsumexp(dim=-1)
 
 
-def groupwise_loss(scores: torch.Tensor, valid: torch.Tensor, rest_log: torch.Tensor,
-                   group_end: torch.Tensor) -> torch.Tensor:
-    """Group-wise relaxed ranking loss, one value per row.
-
-    ``scores [B, K]`` are the student's scores of a list in teacher order, ``valid [B, K]`` marks
-    real entries (padding is ignored), ``rest_log [B]`` is the log of the student's exp-mass on the
-    "rest" items (all below the list; ``NEG`` for none) and ``group_end [K]`` (or ``[B, K]``) is, for
-    each position ``k``, the exclusive end of ``k``'s group. Each valid item must beat every valid
-    item of the *later* groups plus the rest:
-
-        loss_b = sum_{k valid} -log( e^{s_k} / (e^{s_k} + sum_{j >= group_end[k], valid} e^{s_j} + e^{rest}) )
-               = sum_{k valid} softplus( LSE({s_j : j >= group_end[k]} U {rest}) - s_k ).
-
-    Items of the same group do not compete. ``group_end[k] = k + 1`` gives the relaxed
-    Plackett-Luce loss of RRD (``plackett_luce_loss``); one group gives HetComp's overall loss.
-    """
-    batch, length = scores.shape
-    s = scores.masked_fill(~valid, NEG)
-    suffix = torch.logcumsumexp(s.flip(1), dim=1).flip(1)  # LSE_{j >= k}
-    suffix = torch.cat([suffix, s.new_full((batch, 1), NEG)], dim=1)
-    if group_end.dim() == 1:
-        group_end = group_end.unsqueeze(0).expand(batch, length)
-    lower = torch.logaddexp(suffix.gather(1, group_end), rest_log.unsqueeze(1))
-    per_item = F.softplus(lower - s)
-    return torch.where(valid, per_item, torch.zeros_like(per_item)).sum(1)
+#: Largest spread (max - min) of one row's scores for which ``plackett_luce_loss`` takes its fast
+#: path (float64 ``exp`` with one shift per row is exact up to ~700 nats; wider rows use
+#: ``logcumsumexp``).
+FAST_SPREAD = 600.0
 
 
 def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor, rest_log: torch.Tensor) -> torch.Tensor:
     """Relaxed ranking (RRD) loss per row: ``-sum_k [s_k - log(sum_{j >= k} e^{s_j} + e^{rest})]``.
 
-    The list (valid entries, in teacher order) must be ranked in order and above the rest items,
-    whose internal order is ignored (``groupwise_loss`` with singleton groups).
+    ``scores [B, K]`` are the student's scores of a list in teacher order, ``valid [B, K]`` marks
+    real entries (padding is ignored) and ``rest_log [B]`` is the log of the student's exp-mass on
+    the "uninteresting" items (``NEG`` for none): the list must be ranked in order and above them,
+    whose internal order is ignored. Written as ``sum_k softplus(log(sum_{j > k} e^{s_j} + e^{rest}) - s_k)``.
+
+    When every row's scores spread at most ``FAST_SPREAD`` the loss and its gradient come from
+    ``RelaxedRankingLoss`` (suffix sums of ``exp(s - shift)`` in float64, one shift per row, and a
+    hand-written backward); wider rows go through ``logcumsumexp`` and autograd.
     """
-    ends = torch.arange(1, scores.shape[1] + 1, device=scores.device)
-    return groupwise_loss(scores, valid, rest_log, ends)
+    s = scores.masked_fill(~valid, NEG)
+    rest = rest_log.to(scores.dtype)
+    with torch.no_grad():
+        top = torch.maximum(s.amax(1), rest) if scores.shape[1] else rest
+        real_rest = torch.where(rest > NEG / 2, rest, torch.full_like(rest, torch.inf))
+        low = torch.minimum(scores.masked_fill(~valid, torch.inf).amin(1), real_rest) if scores.shape[1] else rest
+        fast = bool(((top - low) <= FAST_SPREAD).all()) if len(scores) else True
+    if fast:
+        return RelaxedRankingLoss.apply(scores, valid, rest, top)
+    batch = scores.shape[0]
+    suffix = torch.logcumsumexp(s.flip(1), dim=1).flip(1)
+    after = torch.cat([suffix[:, 1:], s.new_full((batch, 1), NEG)], dim=1)
+    per_item = F.softplus(torch.logaddexp(after, rest.unsqueeze(1)) - s)
+    return torch.where(valid, per_item, torch.zeros_like(per_item)).sum(1)
+
+
+class RelaxedRankingLoss(torch.autograd.Function):
+    """``plackett_luce_loss``'s fast path: forward ``(scores [B, K], valid, rest [B], shift [B])``,
+    the per-row loss; the gradients are computed with it and kept for the backward.
+
+    With ``e_j = exp(s_j - shift)`` (0 where not valid), ``r = exp(rest - shift)``, ``A_k = sum_{j > k}
+    e_j + r`` and ``S_k = e_k + A_k`` (float64), the loss is ``sum_{k valid} softplus(log A_k - s_k
+    + shift)`` and
+
+        d/ds_j = -A_j / S_j + e_j * sum_{k < j, valid} 1 / S_k   (j valid; 0 otherwise),
+        d/drest = r * sum_{k valid} 1 / S_k.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, valid, rest, shift):
+        batch = scores.shape[0]
+        shift = shift.double().unsqueeze(1)
+        e = torch.exp(scores.double().masked_fill(~valid, NEG) - shift)       # masked entries: exactly 0
+        r = torch.exp(rest.double().unsqueeze(1) - shift)
+        suffix = e.flip(1).cumsum(1).flip(1)                                   # sum_{j >= k}
+        after = torch.cat([suffix[:, 1:], suffix.new_zeros(batch, 1)], dim=1).add_(r)
+        tiny = torch.finfo(torch.float64).tiny
+        lower = after.clamp(min=tiny).log_().add_(shift)
+        loss = F.softplus(lower - scores.double()).masked_fill_(~valid, 0.0).sum(1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            inverse = (e + after).clamp_(min=tiny).reciprocal_().masked_fill_(~valid, 0.0)    # 1 / S_k
+            before = inverse.cumsum(1)                                         # sum_{k <= j}
+            total = before[:, -1:].clone() if before.shape[1] else before.new_zeros(batch, 1)
+            before = before.sub_(inverse)                                      # sum_{k < j}
+            grad_scores = (e * before).sub_(after * inverse).to(scores.dtype)
+            ctx.save_for_backward(grad_scores, (r * total).squeeze(1).to(rest.dtype))
+        return loss.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_scores, grad_rest = ctx.saved_tensors
+        return grad_loss.unsqueeze(1) * grad_scores, None, grad_loss * grad_rest, None
 
 
 def weighted_logsigmoid_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -95,27 +138,8 @@ def soft_bce_loss(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     return (weights * bce).sum(1)
 
 
-def group_ends(cuts: Iterable[int] | str, length: int) -> list[int]:
-    """Exclusive end of each position's group for cut points ``cuts`` over a list of ``length``.
-
-    ``cuts = [10, 50, 100]`` -> groups ``[0, 10) [10, 50) [50, 100)``; cut points past ``length``
-    are dropped and ``length`` always closes the last group; ``"full"`` makes every position its
-    own group (full order).
-    """
-    if isinstance(cuts, str):
-        if cuts != "full":
-            raise HetCompError(f"a curriculum stage is a list of cut points or 'full', got {cuts!r}")
-        return list(range(1, length + 1))
-    points = sorted({int(c) for c in cuts if 0 < int(c) < length}) + [length]
-    ends, start = [], 0
-    for end in points:
-        ends.extend([end] * (end - start))
-        start = end
-    return ends
-
-
 # ------------------------------------------------------------------------------------------
-# Masks, rankings, sampling
+# Training interactions and student rankings
 # ------------------------------------------------------------------------------------------
 
 class TrainIndex:
@@ -145,30 +169,6 @@ class TrainIndex:
         out = torch.zeros(len(users), self.n_items, dtype=torch.bool, device=self.indptr.device)
         out[rows, items] = True
         return out
-
-
-def mark_items(mask: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """A copy of ``mask [B, n_items]`` with ``items[b, k]`` set wherever ``valid[b, k]``."""
-    out = mask.clone()
-    rows, cols = valid.nonzero(as_tuple=True)
-    out[rows, items[rows, cols]] = True
-    return out
-
-
-def gumbel_topk(log_weights: torch.Tensor, n: int,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n`` columns per row without replacement with probability proportional to
-    ``exp(log_weights)`` (Gumbel top-k; ``-inf`` weights are never drawn).
-
-    Returns ``(columns [B, n], drawn [B, n])``; ``drawn`` is False where a row had fewer than
-    ``n`` positive weights.
-    """
-    n = min(n, log_weights.shape[1])
-    uniform = torch.rand(log_weights.shape, generator=generator, device=log_weights.device,
-                         dtype=torch.float64).clamp_(min=1e-300)
-    keys = log_weights.double() - torch.log(-torch.log(uniform))
-    top = torch.topk(keys, n, dim=1)
-    return top.indices, torch.isfinite(top.values)
 
 
 @torch.no_grad()
@@ -211,10 +211,13 @@ class KDBaseline(Distiller):
 
     Subclasses set ``defaults`` (their method keys; ``lambda`` and ``top_k`` at least), implement
     ``kd_loss(users)`` (the mean over the unique batch ``users`` of the per-user KD loss) with
-    ``item_scores`` and ``rest_log_mass``, and may set ``needs_generator`` and the epoch hooks.
+    ``item_scores`` (and ``rest_log_mass`` for a catalogue-wide rest), and may set ``needs_generator`` and the
+    hooks ``on_start`` (once), ``on_epoch`` (before each epoch's batches: per-epoch draws with
+    ``draw_outside`` / ``sampling_generator``) and ``after_epoch``.
 
     For an inner-product student (``user_emb``/``item_emb``, i.e. MF) the scores of listed items
-    come straight from the embeddings and the catalogue-wide rest mass from
+    come straight from the embeddings (``baselines.list_scores``: no autograd graph of gathers)
+    and the catalogue-wide rest mass from
     ``hetcomp.distill.losses.factorized_rest_log_mass`` (no clamp: the baselines have none), so no
     ``[B, n_items]`` score matrix goes through autograd; any other student uses its full
     ``score(users)`` matrix. Both give the same values and gradients.
@@ -231,6 +234,7 @@ class KDBaseline(Distiller):
         self.device = torch.device(device)
         self.cfg = method_config(self.defaults, config, type(self).__name__)
         self.train_index = TrainIndex(split.train, self.device)
+        self.sampler = ItemSampler(split.train, self.device)
         self.top_k = min(int(self.cfg["top_k"]), knowledge.final_topk.shape[1])
         if self.top_k < 1:
             raise HetCompError(f"{type(self).__name__}: top_k must be >= 1")
@@ -250,6 +254,7 @@ class KDBaseline(Distiller):
             seed = int(torch.randint(2**62, (1,), generator=generator))
             self._make_generator(seed)
         self._ensure_started()
+        self.on_epoch(epoch)
         return super().epoch_batches(epoch, generator)
 
     def _ensure_started(self) -> None:
@@ -259,6 +264,9 @@ class KDBaseline(Distiller):
 
     def on_start(self) -> None:
         """Runs once before the first batch (initial per-epoch state)."""
+
+    def on_epoch(self, epoch: int) -> None:
+        """Runs before each epoch's batches (per-epoch draws)."""
 
     def _make_generator(self, seed: int) -> torch.Generator:
         self.generator = torch.Generator(device=self.device)
@@ -288,12 +296,14 @@ class KDBaseline(Distiller):
     def item_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The student's scores ``[B, M]`` of ``items [B, M]`` (valid ids) for ``users [B]``."""
         if self.factorized:
-            # index_select, not the embedding call: the same gradient sums, but its backward
-            # (index_add_) is ~5x faster on CPU than embedding_dense_backward for [B, M] lists
-            item_vectors = self.student.item_emb.weight.index_select(0, items.flatten())
-            return torch.einsum("bd,bkd->bk", self.student.user_emb(users),
-                                item_vectors.view(*items.shape, -1))
+            return list_scores(self.student.user_emb.weight, self.student.item_emb.weight, users, items)
         return self._full(users).gather(1, items)
+
+    def draw_outside(self, items: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+        """``[n_users, n]`` items per user drawn uniformly without replacement from the items that
+        are neither its training items nor among ``items [n_users, M]`` (where ``valid``)."""
+        users = torch.arange(self.split.n_users, device=self.device)
+        return self.sampler.uniform_outside(users, items, valid, n, self.sampling_generator())
 
     def rest_log_mass(self, users: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``log sum exp(s_ui)`` over each user's items that are neither training items nor in
@@ -328,6 +338,37 @@ class KDBaseline(Distiller):
 
     def method_state(self) -> dict:
         return {"config": dict(self.cfg), "top_k": self.top_k}
+
+    # -- resuming (hetcomp.checkpoint) -------------------------------------------------------
+    def extra_state(self) -> dict:
+        """The sampling generator's state and every instance attribute holding plain data
+        (tensors, arrays, numbers, strings, None, and lists/tuples/dicts of them): per-epoch
+        samples, curriculum stage, correction sets, update epochs, extra parameters, whatever a
+        subclass keeps. Helper objects (train index, sampler, workspace) are rebuilt, not saved."""
+        return {"generator": None if self.generator is None else self.generator.get_state(),
+                "attributes": {name: value for name, value in vars(self).items()
+                               if name != "generator" and _plain_data(value)}}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state["generator"] is not None:
+            self._make_generator(0).set_state(state["generator"])
+        for name, value in state["attributes"].items():
+            current = getattr(self, name, None)
+            if isinstance(current, torch.nn.Parameter):   # the optimiser holds this very tensor
+                with torch.no_grad():
+                    current.copy_(value)
+            else:
+                setattr(self, name, value)
+
+
+def _plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, np.ndarray)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
 
 
 def method_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, where: str) -> dict:

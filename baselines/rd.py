@@ -3,18 +3,25 @@
 J. Tang, K. Wang. "Ranking Distillation: Learning Compact Ranking Models With High Performance for
 Recommender System", KDD 2018.
 
-The teacher's top-``top_k`` unobserved items (here the final ensemble's list; default K = 10 as in
-the paper) become extra positives of the student, weighted by position:
+The teacher's top-``top_k`` unobserved items (here the final ensemble's list, in order) become
+extra positives of the student, each weighted:
 
-    L_RD(u) = sum_{r=0..K-1} w_r * -log sigmoid(s_{u,pi_r}),
+    L_RD(u) = sum_{r=1..K} w_r * -log sigmoid(s_{u,pi_r}).
 
-with the position importance ``w_r ∝ exp(-r / weight_temperature)`` (normalised over the list;
-``weight_temperature`` 5 is this suite's choice, the paper tunes this sharpness per dataset). With
-``dynamic: true`` the paper's hybrid weighting is used: ``w_r ∝ exp(-r / weight_temperature) *
-tanh(max(dynamic_mu * (rhat_r - r), 0))`` where ``rhat_r`` is the student's current rank of
-``pi_r`` among the user's non-training items. The paper estimates ``rhat`` by sampling; here it is
-the exact rank, recomputed after every epoch (position weights alone before the first update).
-The list is short and not sampled; there is no ``sample_top`` option.
+- ``top_k`` K = 10, as in the paper.
+- Position importance ``w^a_r ∝ exp(-r / weight_temperature)`` (the paper's lambda; 1 in the
+  paper), so the first items dominate.
+- Hybrid weighting (the paper's best): after the first ``dynamic_start`` epochs (10) the weights
+  become ``w_r ∝ w^a_r * w^b_r`` with the dynamic weight ``w^b_r = tanh(max(dynamic_mu * (rhat_r -
+  r), 0))``, where ``rhat_r`` is the student's current rank of ``pi_r``: items the student already
+  ranks at least as high as the teacher get no weight, the most under-ranked the most. The weights
+  are normalised to sum 1 per user (a user whose student already ranks every item high enough gets
+  none).
+- ``rhat``: the paper estimates it per batch from a sample of items; here it is the exact rank
+  among the user's non-training items (0-based, like ``r``), recomputed before every epoch. Ranks
+  beyond ``top_k + 20 / dynamic_mu`` are capped there, where ``tanh`` is already 1.0.
+- ``dynamic: false`` keeps the position weights throughout (the paper's "weighted by position"
+  variant).
 
 Loss: BPR + lambda * mean over the batch's users. lambda = 1: the weights sum to 1, so at
 initialisation the KD term is log 2 ~ 0.69, the same as BPR's ~0.69.
@@ -22,9 +29,12 @@ initialisation the KD term is log 2 ~ 0.69, the same as BPR's ~0.69.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from baselines.common import KDBaseline, weighted_logsigmoid_loss
+from hetcomp.errors import HetCompError
 from hetcomp.registry import METHODS
 
 
@@ -47,22 +57,28 @@ def hybrid_weights(valid: torch.Tensor, student_rank: torch.Tensor, temperature:
 
 @METHODS.register("rd")
 class RD(KDBaseline):
-    defaults = {"lambda": 1.0, "top_k": 10, "weight_temperature": 5.0, "dynamic": False,
-                "dynamic_mu": 0.1}
+    defaults = {"lambda": 1.0, "top_k": 10, "weight_temperature": 1.0, "dynamic": True,
+                "dynamic_mu": 0.1, "dynamic_start": 10}
 
     def __init__(self, split, knowledge, student, config, device):
         super().__init__(split, knowledge, student, config, device)
+        if min(float(self.cfg["weight_temperature"]), float(self.cfg["dynamic_mu"])) <= 0:
+            raise HetCompError("RD: weight_temperature and dynamic_mu must be > 0")
         self.weights = position_weights(self.topk_valid, float(self.cfg["weight_temperature"]))
         self.updated_at: int | None = None
+        self.rank_cap = self.top_k + int(math.ceil(20.0 / float(self.cfg["dynamic_mu"])))
 
-    def after_epoch(self, epoch: int) -> dict:
-        if not self.cfg["dynamic"]:
-            return {}
-        _, ranks = self.rankings(self.topk, 1)
+    def on_epoch(self, epoch: int) -> None:
+        if self.cfg["dynamic"] and epoch >= int(self.cfg["dynamic_start"]):
+            self.update_weights(epoch)
+
+    @torch.no_grad()
+    def update_weights(self, epoch: int) -> None:
+        """Hybrid weights from the student's current ranks of the teacher's items."""
+        _, ranks = self.rankings(self.topk, 1, self.rank_cap)
         self.weights = hybrid_weights(self.topk_valid, ranks, float(self.cfg["weight_temperature"]),
                                       float(self.cfg["dynamic_mu"]))
         self.updated_at = epoch
-        return {"rd_weight_mass": round(float(self.weights.sum(1).mean()), 4)}
 
     def kd_loss(self, users):
         items, _ = self.teacher_list(users)
