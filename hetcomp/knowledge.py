@@ -69,14 +69,16 @@ def importance(depth: int, temperature: float, device: torch.device | str = "cpu
 
 def ensemble_scores(lists: np.ndarray | torch.Tensor, n_items: int, temperature: float,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Dense ensemble scores ``[B, n_items]`` of per-teacher lists ``[T, B, N]`` (0 off the lists)."""
+    """Dense ensemble scores ``[B, n_items]`` of per-teacher lists ``[T, B, N]`` (0 off the lists;
+    ``-1`` padding in a list adds nothing)."""
     lists = torch.as_tensor(np.asarray(lists) if not torch.is_tensor(lists) else lists)
     lists = lists.to(device=device, dtype=torch.int64)
     n_teachers, rows, depth = lists.shape
     index = lists.permute(1, 0, 2).reshape(rows, n_teachers * depth)
     weights = importance(depth, temperature, device).repeat(n_teachers).expand(rows, -1)
+    weights = weights * (index >= 0)
     dense = torch.zeros(rows, n_items, device=device)
-    return dense.scatter_add_(1, index, weights.contiguous())
+    return dense.scatter_add_(1, index.clamp(min=0), weights.contiguous())
 
 
 def combine_rankings(lists: np.ndarray, n_items: int, k: int, temperature: float = 10.0,

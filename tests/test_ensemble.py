@@ -191,3 +191,13 @@ def test_missing_teacher_run_fails(tmp_path, setup, run_cli, capsys):
     assert _build(run_cli, split_dir, [runs[0], tmp_path / "nowhere"], tmp_path / "ens") == 2
     assert "not a teacher run" in capsys.readouterr().err
     assert not (tmp_path / "ens").exists()
+
+
+def test_padded_lists_add_nothing_to_the_ensemble():
+    """A teacher list shorter than the depth is padded with -1 (a user with few non-training items)."""
+    from hetcomp.knowledge import ensemble_scores as dense_scores
+
+    lists = np.array([[[2, 0, -1]], [[0, -1, -1]]])
+    scores = dense_scores(lists, 4, 10.0)
+    assert scores[0].tolist() == pytest.approx([W[1] + W[0], 0, W[0], 0])
+    assert combine_rankings(lists, 4, 2, 10.0)[0].tolist() == [0, 2]
