@@ -1,8 +1,16 @@
 """HetComp's cost per training epoch, per DKC call and per evaluation, and its peak memory.
 
-Usage: python benchmarks/hetcomp_speed.py [--split DIR --ensemble DIR] [--epochs 1] [--threads 2]
+Usage: python benchmarks/hetcomp_speed.py [--split DIR [--ensemble DIR]] [--epochs 1] [--threads 2]
 
-Without ``--split``/``--ensemble`` the data are synthetic, of CiteULike-t's shape: 5,219 users,
+Both implementations of the catalogue-wide rest mass (``$HETCOMP_REST_KERNEL``: the fused numba
+kernel and the pure-torch path) train from the same seed, side by side; the fused one runs
+first, so the peak memory after its epochs is its own. A profile of the fused kernel on one
+batch follows (one thread, CPU time): forward and backward per (user, item) pair, and the exp2
+alone, which tell what bounds it. The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set
+(see ``losses.rest_kernel``).
+
+With ``--split`` alone the teacher lists are synthetic (as below) for the real split. Without
+``--split``/``--ensemble`` the data are synthetic, of CiteULike-t's shape: 5,219 users,
 25,181 items, 78,958 / 20,823 / 20,823 train / valid / test interactions (per-user training counts
 skewed, minimum 3, so a 1,024-interaction batch holds about as many unique users as the real
 data), and 6 teachers x 4 checkpoints x top-100 lists (noisy orderings of a per-user pool of 300
@@ -11,9 +19,10 @@ non-training items, noisier at earlier checkpoints). The hyperparameters are
 per DKC call, 11.4 s per evaluation, 21.2 GB; as given to this project, hardware not stated) are
 printed beside ours, with the targets of this re-implementation on 2 CPU cores.
 
-The last line is ``RESULT epoch_s=.. dkc_s=.. eval_s=.. peak_mb=..``: ``epoch_s`` is the slower
-of the two phases, ``dkc_s`` the mean of the timed DKC calls (first call, a call with typical
-moves, a call where every pair advances and every target list is rebuilt).
+The last line is ``RESULT epoch_s=.. dkc_s=.. eval_s=.. peak_mb=.. kernel=.. fused_phase1_s=.. ...``:
+``epoch_s`` is the slower of the two phases with the default kernel (fused where numba is
+installed), ``dkc_s`` the mean of the timed DKC calls (first call, a call with typical moves, a
+call where every pair advances and every target list is rebuilt).
 """
 
 from __future__ import annotations
@@ -25,13 +34,19 @@ import resource
 import tempfile
 import time
 
-import numpy as np
-import torch
+# Before torch loads its OpenMP runtime: idle OpenMP workers sleep instead of spinning. On a
+# loaded machine spinning workers starve the fused kernel's threads (measured: 2-5x slower
+# batches); the torch path is indifferent. Set OMP_WAIT_POLICY yourself to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from hetcomp import CONFIG_DIR
 from hetcomp.config import load_yaml, resolve_overrides
 from hetcomp.data.store import Split, load_split, save_split, to_csr
 from hetcomp.io import write_json
+from hetcomp.distill import losses
 from hetcomp.distill.runner import resolve_method_config
 from hetcomp.distill.student import build_student
 from hetcomp.evaluation import Evaluator
@@ -152,26 +167,99 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def profile_fused_kernel(distiller, batch, reps: int = 3) -> dict:
+    """ns per (user, item) pair of the fused kernel's forward and backward on one batch (one
+    thread, CPU time of the thread, best of ``reps``), and ns per call of its exp2 alone on values
+    in the L1 cache (``exp``)."""
+    from numba import njit
+
+    from hetcomp.distill import fused_rest
+
+    users = torch.unique(batch[0])
+    n_items = distiller.split.n_items
+    rows = torch.arange(len(users)).unsqueeze(1)
+    exclude = [distiller._train_entries(users), (rows * n_items + distiller.targets[users]).flatten()]
+    user_vectors = distiller.student.user_emb(users).detach()
+    items = distiller.student.item_emb.weight.detach()
+    pairs = len(users) * n_items
+
+    @njit(nogil=True, fastmath=fused_rest._FLAGS)
+    def exp_probe(values, repeats):
+        total = np.float32(0.0)
+        for _ in range(repeats):
+            for j in range(values.shape[0]):
+                total += fused_rest._exp2_nonpositive(values[j])
+        return total
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            started = time.thread_time()
+            fn()
+            times.append(time.thread_time() - started)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        u, i = user_vectors.clone().requires_grad_(True), items.clone().requires_grad_(True)
+        forward = best(lambda: fused_rest.FusedRestLogMass.apply(u, i, exclude, distiller.clamp))
+        backward = []
+        for _ in range(reps):
+            out = fused_rest.FusedRestLogMass.apply(u, i, exclude, distiller.clamp)
+            started = time.thread_time()
+            out.backward(torch.ones_like(out))
+            backward.append(time.thread_time() - started)
+        values = -np.random.default_rng(0).random(fused_rest.TILE, dtype=np.float32) * 100
+        repeats = max(1, pairs // len(values))
+        exp_probe(values, 1)
+        exp = best(lambda: exp_probe(values, repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return {"forward": forward / pairs * 1e9, "backward": min(backward) / pairs * 1e9,
+            "exp": exp / (repeats * len(values)) * 1e9, "users": len(users),
+            "tile": fused_rest.TILE}
+
+
+def print_profile(profile: dict, pairs_per_epoch: int, threads: int) -> None:
+    fwd, bwd, exp = profile["forward"], profile["backward"], profile["exp"]
+    print(f"\nfused kernel on one batch ({profile['users']} users), one thread, ns per (user, item) pair (CPU time):")
+    print(f"  forward  {fwd:6.3f}   (d multiply-adds, clamp, one exp2, store to a tile buffer in L1, "
+          f"exclusions, sum; and the per-batch set-up)")
+    print(f"  backward {bwd:6.3f}   (the same recomputed, then 2 d multiply-adds into L1-resident gradient tiles)")
+    print(f"  exp2 alone {exp:.3f} ns per call: {2 * exp / (fwd + bwd):.0%} of the kernel. Every operand "
+          f"is in L1 (tiles of {profile['tile']} items), so the kernel is bound by arithmetic "
+          f"and L1 traffic, not by memory bandwidth.")
+    kernel_s = pairs_per_epoch * (fwd + bwd) * 1e-9 / threads
+    exp_s = pairs_per_epoch * 2 * exp * 1e-9 / threads
+    print(f"  per epoch on {threads} threads: the kernel ~{kernel_s:.2f} s; the exp2 alone (2 per pair) "
+          f"~{exp_s:.2f} s, the floor of any recomputing kernel on this machine")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", help="a prepared split (default: synthetic, CiteULike shape)")
-    parser.add_argument("--ensemble", help="an ensemble directory built from --split")
+    parser.add_argument("--ensemble", help="an ensemble directory built from --split (default: synthetic "
+                                           "teacher lists for the split)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per phase (after one warm-up batch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if bool(args.split) != bool(args.ensemble):
-        parser.error("give both --split and --ensemble, or neither (synthetic data)")
+    if args.ensemble and not args.split:
+        parser.error("--ensemble needs the --split it was built from")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = os.getloadavg()
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hetcomp-speed-") as tmp:
-        if args.split:
+        if args.split and args.ensemble:
             split_dir, ensemble_dir = args.split, args.ensemble
             source = f"real data: {args.split} + {args.ensemble}"
+        elif args.split:
+            split_dir, ensemble_dir = args.split, None
+            source = f"real split {args.split}, SYNTHETIC teacher lists (no ensemble given)"
         else:
             # generated in a child process, so that its temporaries do not count in our peak memory
             split_dir, ensemble_dir = os.path.join(tmp, "split"), os.path.join(tmp, "ensemble")
@@ -182,7 +270,8 @@ def main() -> None:
             if child.exitcode != 0:
                 raise SystemExit("generating the synthetic data failed")
             source = "SYNTHETIC data of CiteULike-t's shape (not the real split/ensemble)"
-        split, knowledge = load_split(split_dir), load_knowledge(ensemble_dir)
+        split = load_split(split_dir)
+        knowledge = load_knowledge(ensemble_dir) if ensemble_dir else synthetic_knowledge(split, args.seed)
     setup_s = time.perf_counter() - started
     t, c, u, n = knowledge.trajectories.shape
     print(f"data: {source}")
@@ -190,33 +279,43 @@ def main() -> None:
           f"{len(split.eval_users)} evaluated users; {t} teachers x {c} checkpoints x top-{n} "
           f"(built in {setup_s:.1f} s)")
     print(f"machine: {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, device {device}; "
-          f"load average at start {load_before[0]:.2f} (shared machine: timings include other users' load)")
+          f"load average at start {load_before[0]:.2f} (shared machine: timings include other users' load); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
     load_all()
     method_cls = METHODS.get("hetcomp")
     config = resolve_overrides(load_yaml(CONFIG_DIR / "methods" / "hetcomp.yaml"), split.meta.get("dataset"))
     resolved = resolve_method_config(method_cls, config, "hetcomp.yaml")
-    generator = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    student = build_student(split.n_users, split.n_items, resolved.student, device)
-    student.setup(split.train, device)
-    distiller = method_cls(split, knowledge, student, resolved.method, device)
-    optimizer = torch.optim.Adam(distiller.parameters(), lr=resolved.loop.lr,
-                                 weight_decay=resolved.loop.weight_decay)
-    batches = list(distiller.epoch_batches(0, generator))
-    unique = np.mean([len(torch.unique(b[0])) for b in batches])
-    print(f"batches per epoch: {len(batches)}, mean unique users per batch: {unique:.0f}")
-    loss = sum(distiller.loss_terms(batches[0]).values())    # warm-up (allocations, thread pools)
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-
-    phase_times, phase_cpu = {}, {}
-    for phase in (1, 2):
-        distiller.phase = phase
-        times = [run_epoch(distiller, optimizer, e, generator) for e in range(args.epochs)]
-        phase_times[phase], phase_cpu[phase] = min(times)
-    distiller.phase = 1
-    epoch_s = max(phase_times.values())
+    kernels = ["fused", "torch"] if losses._fused_rest() is not None else ["torch"]
+    phase_times, phase_cpu, peaks = {}, {}, {}
+    for kernel in kernels:
+        os.environ[losses.REST_KERNEL_ENV] = kernel
+        generator = torch.Generator().manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        student = build_student(split.n_users, split.n_items, resolved.student, device)
+        student.setup(split.train, device)
+        distiller = method_cls(split, knowledge, student, resolved.method, device)
+        optimizer = torch.optim.Adam(distiller.parameters(), lr=resolved.loop.lr,
+                                     weight_decay=resolved.loop.weight_decay)
+        batches = list(distiller.epoch_batches(0, generator))
+        if kernel == kernels[0]:
+            unique = np.mean([len(torch.unique(b[0])) for b in batches])
+            pairs = sum(len(torch.unique(b[0])) for b in batches) * split.n_items
+            print(f"batches per epoch: {len(batches)}, mean unique users per batch: {unique:.0f}, "
+                  f"(user, item) pairs in the rest masses per epoch: {pairs / 1e9:.2f} G")
+        loss = sum(distiller.loss_terms(batches[0]).values())    # warm-up (compilation, allocations)
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        for phase in (1, 2):
+            distiller.phase = phase
+            times = [run_epoch(distiller, optimizer, e, generator) for e in range(args.epochs)]
+            phase_times[kernel, phase], phase_cpu[kernel, phase] = min(times)
+        peaks[kernel] = peak_mb()
+        distiller.phase = 1
+    os.environ.pop(losses.REST_KERNEL_ENV)
+    default = kernels[0]
+    epoch_s = max(phase_times[default, p] for p in (1, 2))
+    profile = profile_fused_kernel(distiller, batches[0]) if "fused" in kernels else None
 
     dkc_times, dkc_cpu = [], []
     for epoch in (10, 20, 100):                 # first call; typical; theta < 1: every pair advances
@@ -242,21 +341,32 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print()
-    print(f"{'':28s} {'wall':>10s} {'CPU':>10s} {'official':>10s} {'target':>10s}")
-    rows = [("epoch, phase 1 (s)", phase_times[1], phase_cpu[1], REFERENCE["epoch_s"], TARGET["epoch_s"]),
-            ("epoch, phase 2 (s)", phase_times[2], phase_cpu[2], REFERENCE["epoch_s"], TARGET["epoch_s"]),
+    print(f"{'':32s} {'wall':>10s} {'CPU':>10s} {'official':>10s} {'target':>10s}")
+    rows = [(f"epoch, phase {p}, {k} (s)", phase_times[k, p], phase_cpu[k, p], REFERENCE["epoch_s"],
+             TARGET["epoch_s"]) for p in (1, 2) for k in kernels]
+    rows += [(f"peak memory after {k} (MB)", peaks[k], None, REFERENCE["peak_mb"], TARGET["peak_mb"])
+             for k in kernels]
+    rows += [
             ("DKC call, mean of 3 (s)", dkc_s, float(np.mean(dkc_cpu)), REFERENCE["dkc_s"], TARGET["dkc_s"]),
             ("DKC call, slowest (s)", max(dkc_times), max(dkc_cpu), REFERENCE["dkc_s"], TARGET["dkc_s"]),
             ("evaluation (s)", eval_s, min(eval_cpu), REFERENCE["eval_s"], TARGET["eval_s"]),
-            ("peak memory (MB, RSS)", peak, None, REFERENCE["peak_mb"], TARGET["peak_mb"])]
+            ("peak memory, whole run (MB)", peak, None, REFERENCE["peak_mb"], TARGET["peak_mb"])]
     for name, value, cpu, ref, target in rows:
-        print(f"{name:28s} {value:10.3f} {'-' if cpu is None else f'{cpu:.3f}':>10s} {ref:10.1f} "
+        print(f"{name:32s} {value:10.3f} {'-' if cpu is None else f'{cpu:.3f}':>10s} {ref:10.1f} "
               f"{'-' if target is None else f'{target:.1f}':>10s}")
     print("CPU: seconds of CPU time of this process (all its threads); on a machine shared with other "
           "users\nwall / CPU > 1 / threads means the process waited for a core.")
     print(f"(evaluator construction {build_eval_s:.2f} s, not counted; load average at end "
           f"{load_after[0]:.2f}; 'official': the official code's reference figures, hardware not stated)")
-    print(f"RESULT epoch_s={epoch_s:.3f} dkc_s={dkc_s:.3f} eval_s={eval_s:.3f} peak_mb={peak:.0f}")
+    if profile is not None:
+        print_profile(profile, pairs, args.threads)
+    extra = " ".join(f"{k}_phase{p}_s={phase_times[k, p]:.3f}" for k in kernels for p in (1, 2))
+    extra += " " + " ".join(f"{k}_peak_mb={peaks[k]:.0f}" for k in kernels)
+    if profile is not None:
+        extra += (f" fused_fwd_ns_per_pair={profile['forward']:.3f} fused_bwd_ns_per_pair={profile['backward']:.3f}"
+                  f" exp_ns={profile['exp']:.3f}")
+    print(f"RESULT epoch_s={epoch_s:.3f} dkc_s={dkc_s:.3f} eval_s={eval_s:.3f} peak_mb={peak:.0f} "
+          f"kernel={default} {extra}")
 
 
 if __name__ == "__main__":

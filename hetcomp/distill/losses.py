@@ -26,18 +26,25 @@ The big term is ``log Z_u(T_u)`` over the whole catalogue. ``rest_log_mass`` com
 score matrix (generic, autograd); ``factorized_rest_log_mass`` computes it for an inner-product
 student ``s = clamp(p_u . q_i, -c, c)`` straight from the embeddings with a hand-written forward
 and backward over cache-sized row blocks (a reused buffer, no autograd copies of the
-``[B, n_items]`` matrix, blocks spread over the CPU threads), which is what makes a CiteULike
-epoch take seconds on two CPU cores. Both are tested against each other and against a naive loop.
+``[B, n_items]`` matrix, blocks spread over the CPU threads). On the CPU in float32 the latter
+runs a fused numba kernel instead (``hetcomp.distill.fused_rest``: scores recomputed tile by tile
+in the cache, never stored), about twice as fast per CiteULike epoch on two CPU cores
+(``rest_kernel``: ``$HETCOMP_REST_KERNEL`` = auto / fused / torch; with more than
+one torch thread ``auto`` wants ``OMP_WAIT_POLICY=passive``). All are tested against each other
+and against a naive loop.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from hetcomp.errors import HetCompError
 
 #: Stand-in for log(0) in masked list entries: exp(MASKED - x) is exactly 0 for any realistic
 #: score and every gradient stays finite (``-inf`` can give NaN gradients).
@@ -259,6 +266,55 @@ class _FactorizedRestLogMass(torch.autograd.Function):
         return grad_users, grad_items, None, None, None
 
 
+#: Environment variable choosing the implementation of ``factorized_rest_log_mass``: ``auto``
+#: (default), ``fused`` (the fused kernel; an error where it cannot run) or ``torch``.
+REST_KERNEL_ENV = "HETCOMP_REST_KERNEL"
+_REST_KERNELS = ("auto", "fused", "torch")
+
+
+def _openmp_workers_sleep() -> bool:
+    """Whether torch's idle OpenMP workers sleep: one torch thread, or ``OMP_WAIT_POLICY=passive``.
+
+    Otherwise (libgomp's default) they spin between ops, and next to the fused kernel's threads
+    on a shared machine that made whole training steps 3-5x slower (measured on 2 loaded cores;
+    the torch path is indifferent to the policy).
+    """
+    return torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+
+
+def _fused_rest():
+    """The fused-kernel module, or ``None`` when numba is not installed."""
+    try:
+        from hetcomp.distill import fused_rest
+    except ImportError:
+        return None
+    return fused_rest
+
+
+def rest_kernel(users: torch.Tensor, items: torch.Tensor) -> str:
+    """``"fused"`` or ``"torch"``: the implementation ``factorized_rest_log_mass`` uses for these
+    embeddings under ``$HETCOMP_REST_KERNEL``.
+
+    ``auto`` picks the fused kernel for float32 CPU embeddings when numba is installed and torch's
+    OpenMP workers sleep when idle (one thread, or ``OMP_WAIT_POLICY=passive`` set before Python
+    starts), else the torch path; ``fused`` insists on the kernel, ``torch`` avoids it.
+    """
+    choice = os.environ.get(REST_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in _REST_KERNELS:
+        raise HetCompError(f"{REST_KERNEL_ENV} must be one of {', '.join(_REST_KERNELS)}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    fused = _fused_rest()
+    if fused is not None and fused.supports(users, items) and (choice == "fused" or _openmp_workers_sleep()):
+        return "fused"
+    if choice == "fused":
+        why = ("numba is not installed" if fused is None else
+               f"it needs float32 CPU embeddings of width <= {fused.MAX_DIM}, got {users.dtype} "
+               f"[{users.shape[1]}] on {users.device.type}")
+        raise HetCompError(f"{REST_KERNEL_ENV}=fused: the fused rest-mass kernel cannot run: {why}")
+    return "torch"
+
+
 def factorized_rest_log_mass(users: torch.Tensor, items: torch.Tensor, exclude: torch.Tensor,
                              clamp: float | None = 40.0, workspace: Workspace | None = None) -> torch.Tensor:
     """``log Z`` for an inner-product student, from the embeddings (``[B]``).
@@ -269,7 +325,13 @@ def factorized_rest_log_mass(users: torch.Tensor, items: torch.Tensor, exclude: 
     are; items within a row may come in any order; duplicates are fine). Scores are
     ``clamp(users @ items.T, -clamp, clamp)`` (``clamp=None``: none).
     Equal to ``rest_log_mass(scores.clamp(-c, c), exclude)`` in value and gradient.
+
+    On the CPU in float32 this runs the fused numba kernel (``hetcomp.distill.fused_rest``: no
+    ``[B, n_items]`` block in memory) where ``rest_kernel`` says so; elsewhere the torch
+    implementation, with ``workspace`` as its reusable buffer.
     """
+    if users.shape[0] and items.shape[0] and rest_kernel(users, items) == "fused":
+        return _fused_rest().FusedRestLogMass.apply(users, items, exclude, clamp)
     return _FactorizedRestLogMass.apply(users, items, exclude, clamp, workspace)
 
 

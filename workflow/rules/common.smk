@@ -261,11 +261,13 @@ def threads(stage):
 def hetcomp(wildcards, threads):
     """The command prefix of every rule: `python -m hetcomp` with the rule's thread count.
 
-    Torch sizes its thread pools from OMP_NUM_THREADS/MKL_NUM_THREADS; PYTHONPATH lets
-    `python -m hetcomp` find the package of this repository without an install (conda envs).
+    Torch sizes its thread pools from OMP_NUM_THREADS/MKL_NUM_THREADS; OMP_WAIT_POLICY=PASSIVE
+    keeps its idle OpenMP workers from spinning next to the fused rest-mass kernel's threads
+    (hetcomp/distill/fused_rest.py); PYTHONPATH lets `python -m hetcomp` find the package of this
+    repository without an install (conda envs).
     """
     root = shlex.quote(str(REPO_ROOT))
-    return (f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
+    return (f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE "
             f"PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m hetcomp")
 
 
