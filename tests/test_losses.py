@@ -216,7 +216,7 @@ def test_factorized_rest_mass_float32_no_overflow():
 
 
 def test_hand_case_k2_five_items():
-    """HETCOMP_SPEC §10.6: K = 2, a 5-item catalogue, one training item, worked by hand."""
+    """K = 2, a 5-item catalogue, one training item, worked by hand."""
     s = [1.0, 2.0, 0.0, -1.0, 0.5]               # item 0 is the training item (observed list [0])
     scores = torch.tensor([s], dtype=torch.float64)
     train, observed, top = [[0]], torch.tensor([[0]]), torch.tensor([[1, 2]])

@@ -1,4 +1,4 @@
-"""HetComp's two knowledge-transfer losses as pure tensor functions (HETCOMP_SPEC §4.4, §4.5).
+"""HetComp's two knowledge-transfer losses as pure tensor functions (docs/METHOD.md, "The two losses").
 
 Notation for one user ``u`` with student scores ``s_u·``:
 
