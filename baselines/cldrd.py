@@ -73,17 +73,21 @@ class WeightedPairLogistic(torch.autograd.Function):
     def forward(ctx, high, low, inv_high, inv_low, mask, high_valid, low_valid):
         loss = high.new_zeros(high.shape[0])
         grad_high, grad_low = torch.zeros_like(high), torch.zeros_like(low)
+        all_valid = bool(high_valid.all()) and bool(low_valid.all())     # then skip two passes per chunk
         for start in range(0, high.shape[0], PAIR_CHUNK):
             rows = slice(start, start + PAIR_CHUNK)
             diff = low[rows, None, :] - high[rows, :, None]
-            weight = (inv_high[rows, :, None] - inv_low[rows, None, :]).abs_()
+            weight = torch.sub(inv_high[rows, :, None], inv_low[rows, None, :]).abs_()
             if mask is not None:
                 weight.mul_(mask)
-            weight.mul_(high_valid[rows, :, None]).mul_(low_valid[rows, None, :])
-            loss[rows] = (F.softplus(diff) * weight).sum((1, 2))
-            q = torch.sigmoid(diff).mul_(weight)
-            grad_high[rows] = -q.sum(2)
-            grad_low[rows] = q.sum(1)
+            if not all_valid:
+                weight.mul_(high_valid[rows, :, None]).mul_(low_valid[rows, None, :])
+            n = diff.shape[0]
+            # sum_ij softplus * weight as one batched dot product (no [rows, h, l] product tensor)
+            loss[rows] = torch.bmm(F.softplus(diff).view(n, 1, -1), weight.view(n, -1, 1)).view(n)
+            q = torch.sigmoid(diff.view(n, -1), out=diff.view(n, -1)).view_as(weight).mul_(weight)
+            torch.sum(q, 2, out=grad_high[rows]).neg_()
+            torch.sum(q, 1, out=grad_low[rows])
         ctx.save_for_backward(grad_high, grad_low)
         return loss
 
@@ -150,7 +154,7 @@ class CLDRD(KDBaseline):
         if self.negatives is None:
             raise HetCompError("cldrd: no negatives drawn yet (epoch_batches was not called)")
         items, valid = self.teacher_list(users)
-        negatives = self.negatives[users]
+        negatives = self.negatives.index_select(0, users)
         candidates = torch.cat([items, negatives], dim=1)
         candidate_valid = torch.cat([valid, torch.ones_like(negatives, dtype=torch.bool)], dim=1)
         scores = self.item_scores(users, candidates)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from baselines.list_scores import list_scores
+from baselines.kernels import kernel_applies, list_scores, relaxed_ranking_kernel
 from baselines.sampling import ItemSampler
 from hetcomp.config import merge_defaults
 from hetcomp.distill.base import Distiller
@@ -69,19 +69,29 @@ def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor, rest_log: torc
     the "uninteresting" items (``NEG`` for none): the list must be ranked in order and above them,
     whose internal order is ignored. Written as ``sum_k softplus(log(sum_{j > k} e^{s_j} + e^{rest}) - s_k)``.
 
-    When every row's scores spread at most ``FAST_SPREAD`` the loss and its gradient come from
-    ``RelaxedRankingLoss`` (suffix sums of ``exp(s - shift)`` in float64, one shift per row, and a
-    hand-written backward); wider rows go through ``logcumsumexp`` and autograd.
+    When every row's valid scores and rest spread at most ``FAST_SPREAD``, the loss and its
+    gradient are computed together in float64 with one shift per row (``relaxed_ranking_torch``,
+    or the numba kernel ``baselines.kernels.relaxed_ranking_kernel`` on CPU) and the gradient is
+    kept for the backward (``PrecomputedGradient``); wider rows go through ``logcumsumexp`` and
+    autograd.
     """
-    s = scores.masked_fill(~valid, NEG)
     rest = rest_log.to(scores.dtype)
+    if kernel_applies(scores, rest):
+        loss = torch.empty(scores.shape[0], dtype=torch.float64)
+        grad_scores, grad_rest = torch.empty_like(scores), torch.empty_like(rest)
+        if relaxed_ranking_kernel(scores.detach().contiguous().numpy(), valid.contiguous().numpy(),
+                                  rest.detach().contiguous().numpy(), FAST_SPREAD, NEG, loss.numpy(),
+                                  grad_scores.numpy(), grad_rest.numpy()):
+            return PrecomputedGradient.apply(scores, rest, loss.to(scores.dtype), grad_scores, grad_rest)
+    s = scores.masked_fill(~valid, NEG)
     with torch.no_grad():
         top = torch.maximum(s.amax(1), rest) if scores.shape[1] else rest
         real_rest = torch.where(rest > NEG / 2, rest, torch.full_like(rest, torch.inf))
-        low = torch.minimum(scores.masked_fill(~valid, torch.inf).amin(1), real_rest) if scores.shape[1] else rest
+        low = (torch.minimum(scores.masked_fill(~valid, torch.inf).amin(1), real_rest)
+               if scores.shape[1] else rest)
         fast = bool(((top - low) <= FAST_SPREAD).all()) if len(scores) else True
     if fast:
-        return RelaxedRankingLoss.apply(scores, valid, rest, top)
+        return PrecomputedGradient.apply(scores, rest, *relaxed_ranking_torch(scores, valid, rest, top))
     batch = scores.shape[0]
     suffix = torch.logcumsumexp(s.flip(1), dim=1).flip(1)
     after = torch.cat([suffix[:, 1:], s.new_full((batch, 1), NEG)], dim=1)
@@ -89,9 +99,11 @@ def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor, rest_log: torc
     return torch.where(valid, per_item, torch.zeros_like(per_item)).sum(1)
 
 
-class RelaxedRankingLoss(torch.autograd.Function):
-    """``plackett_luce_loss``'s fast path: forward ``(scores [B, K], valid, rest [B], shift [B])``,
-    the per-row loss; the gradients are computed with it and kept for the backward.
+@torch.no_grad()
+def relaxed_ranking_torch(scores: torch.Tensor, valid: torch.Tensor, rest: torch.Tensor,
+                          shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [B], d loss / d scores [B, K], d loss / d rest [B])`` of ``plackett_luce_loss``
+    for rows whose scores lie within ``FAST_SPREAD`` of ``shift [B]`` (their largest).
 
     With ``e_j = exp(s_j - shift)`` (0 where not valid), ``r = exp(rest - shift)``, ``A_k = sum_{j > k}
     e_j + r`` and ``S_k = e_k + A_k`` (float64), the loss is ``sum_{k valid} softplus(log A_k - s_k
@@ -100,31 +112,36 @@ class RelaxedRankingLoss(torch.autograd.Function):
         d/ds_j = -A_j / S_j + e_j * sum_{k < j, valid} 1 / S_k   (j valid; 0 otherwise),
         d/drest = r * sum_{k valid} 1 / S_k.
     """
+    batch = scores.shape[0]
+    shift = shift.double().unsqueeze(1)
+    e = torch.exp(scores.double().masked_fill(~valid, NEG) - shift)           # masked entries: exactly 0
+    r = torch.exp(rest.double().unsqueeze(1) - shift)
+    suffix = e.flip(1).cumsum(1).flip(1)                                       # sum_{j >= k}
+    after = torch.cat([suffix[:, 1:], suffix.new_zeros(batch, 1)], dim=1).add_(r)
+    tiny = torch.finfo(torch.float64).tiny
+    lower = after.clamp(min=tiny).log_().add_(shift)
+    loss = F.softplus(lower - scores.double()).masked_fill_(~valid, 0.0).sum(1)
+    inverse = (e + after).clamp_(min=tiny).reciprocal_().masked_fill_(~valid, 0.0)          # 1 / S_k
+    before = inverse.cumsum(1)                                                 # sum_{k <= j}
+    total = before[:, -1:].clone() if before.shape[1] else before.new_zeros(batch, 1)
+    before = before.sub_(inverse)                                              # sum_{k < j}
+    grad_scores = (e * before).sub_(after * inverse)
+    return (loss.to(scores.dtype), grad_scores.to(scores.dtype), (r * total).squeeze(1).to(rest.dtype))
+
+
+class PrecomputedGradient(torch.autograd.Function):
+    """``apply(scores, rest, loss, grad_scores, grad_rest)`` is ``loss`` (``[B]``), whose gradients
+    with respect to ``scores`` and ``rest`` were computed with it (no autograd graph of the loss)."""
 
     @staticmethod
-    def forward(ctx, scores, valid, rest, shift):
-        batch = scores.shape[0]
-        shift = shift.double().unsqueeze(1)
-        e = torch.exp(scores.double().masked_fill(~valid, NEG) - shift)       # masked entries: exactly 0
-        r = torch.exp(rest.double().unsqueeze(1) - shift)
-        suffix = e.flip(1).cumsum(1).flip(1)                                   # sum_{j >= k}
-        after = torch.cat([suffix[:, 1:], suffix.new_zeros(batch, 1)], dim=1).add_(r)
-        tiny = torch.finfo(torch.float64).tiny
-        lower = after.clamp(min=tiny).log_().add_(shift)
-        loss = F.softplus(lower - scores.double()).masked_fill_(~valid, 0.0).sum(1)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            inverse = (e + after).clamp_(min=tiny).reciprocal_().masked_fill_(~valid, 0.0)    # 1 / S_k
-            before = inverse.cumsum(1)                                         # sum_{k <= j}
-            total = before[:, -1:].clone() if before.shape[1] else before.new_zeros(batch, 1)
-            before = before.sub_(inverse)                                      # sum_{k < j}
-            grad_scores = (e * before).sub_(after * inverse).to(scores.dtype)
-            ctx.save_for_backward(grad_scores, (r * total).squeeze(1).to(rest.dtype))
-        return loss.to(scores.dtype)
+    def forward(ctx, scores, rest, loss, grad_scores, grad_rest):
+        ctx.save_for_backward(grad_scores, grad_rest)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_scores, grad_rest = ctx.saved_tensors
-        return grad_loss.unsqueeze(1) * grad_scores, None, grad_loss * grad_rest, None
+        return grad_loss.unsqueeze(1) * grad_scores, grad_loss * grad_rest, None, None, None
 
 
 def weighted_logsigmoid_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -187,8 +204,9 @@ def student_rankings(score_fn, train_index: TrainIndex, n_users: int, items: tor
     tops, ranks = [], []
     for start in range(0, n_users, batch_size):
         users = torch.arange(start, min(start + batch_size, n_users), device=device)
-        scores = score_fn(users).float()
-        scores = scores.masked_fill(train_index.mask(users), -torch.inf)
+        scores = score_fn(users).to(torch.float32, copy=True)      # a copy: score_fn's may be cached
+        rows, train_items = train_index.entries(users)
+        scores.index_put_((rows, train_items), scores.new_tensor(-torch.inf))    # no dense mask
         k = min(top, scores.shape[1])
         depth = k if items is None else min(max(k, rank_cap or scores.shape[1]), scores.shape[1])
         best = torch.topk(scores, depth, dim=1)
@@ -216,8 +234,8 @@ class KDBaseline(Distiller):
     ``draw_outside`` / ``sampling_generator``) and ``after_epoch``.
 
     For an inner-product student (``user_emb``/``item_emb``, i.e. MF) the scores of listed items
-    come straight from the embeddings (``baselines.list_scores``: no autograd graph of gathers)
-    and the catalogue-wide rest mass from
+    come straight from the embeddings (``baselines.kernels.list_scores``: no autograd graph of
+    gathers) and the catalogue-wide rest mass from
     ``hetcomp.distill.losses.factorized_rest_log_mass`` (no clamp: the baselines have none), so no
     ``[B, n_items]`` score matrix goes through autograd; any other student uses its full
     ``score(users)`` matrix. Both give the same values and gradients.
@@ -325,7 +343,7 @@ class KDBaseline(Distiller):
     # -- helpers -----------------------------------------------------------------------------
     def teacher_list(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final ensemble's top-K ``(items [B, K], valid [B, K])`` for ``users``."""
-        return self.topk[users], self.topk_valid[users]
+        return self.topk.index_select(0, users), self.topk_valid.index_select(0, users)
 
     def rankings(self, items: torch.Tensor | None, top: int, rank_cap: int | None = None):
         was_training = self.student.training

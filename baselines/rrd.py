@@ -78,7 +78,7 @@ class RRD(KDBaseline):
         if self.cfg["sample_top"]:
             if self.chosen is None:
                 raise HetCompError("rrd: no top items drawn yet (epoch_batches was not called)")
-            return self.chosen[0][users], self.chosen[1][users]
+            return self.chosen[0].index_select(0, users), self.chosen[1].index_select(0, users)
         return self.teacher_list(users)
 
     def kd_loss(self, users):
@@ -88,7 +88,7 @@ class RRD(KDBaseline):
             return plackett_luce_loss(self.item_scores(users, items), valid, rest).mean()
         if self.negatives is None:
             raise HetCompError("rrd: no uninteresting items drawn yet (epoch_batches was not called)")
-        negatives = self.negatives[users]
+        negatives = self.negatives.index_select(0, users)
         scores = self.item_scores(users, torch.cat([items, negatives], dim=1))   # one gather for both
         listed, uninteresting = scores.split([items.shape[1], negatives.shape[1]], dim=1)
         return plackett_luce_loss(listed, valid, uninteresting.logsumexp(1)).mean()

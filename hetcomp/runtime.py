@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import platform
 import random
 import resource
@@ -49,6 +51,17 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+#: Environment variables that change how a run computes (recorded in run_info.json).
+RECORDED_ENV = ("HETCOMP_REST_KERNEL", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def run_info(*, config: dict, config_hash: str, seed: int, device: torch.device,
              wall_time_s: float, **extra) -> dict:
     """The provenance record of a run."""
@@ -63,7 +76,11 @@ def run_info(*, config: dict, config_hash: str, seed: int, device: torch.device,
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "numpy": np.__version__,
+            "numba": _version_of("numba"),
         },
+        # what chooses the CPU rest-mass implementation (hetcomp.distill.losses.rest_kernel)
+        "torch_threads": torch.get_num_threads(),
+        "environment": {name: os.environ.get(name) for name in RECORDED_ENV},
         "wall_time_s": round(wall_time_s, 3),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -626,3 +626,53 @@ def test_plackett_luce_fast_and_wide_paths_agree():
     for b in range(2):
         row = scores[b:b + 1].detach().requires_grad_()
         assert torch.autograd.gradcheck(lambda s: plackett_luce_loss(s, valid[:1], rest[b:b + 1]), (row,))
+
+
+# -------------------------------------------------------------------------------------------
+# CPU kernels (baselines/kernels.py) against their torch equivalents
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_list_scores_kernel_matches_autograd(dtype):
+    from baselines.kernels import kernel_applies, list_scores
+
+    gen = torch.Generator().manual_seed(5)
+    user_table = torch.randn(7, 3, generator=gen, dtype=dtype, requires_grad=True)
+    item_table = torch.randn(11, 3, generator=gen, dtype=dtype, requires_grad=True)
+    users = torch.tensor([4, 0, 6])
+    items = torch.randint(11, (3, 9), generator=gen)             # repeated items within and across rows
+    weights = torch.randn(3, 9, generator=gen, dtype=dtype)
+    assert kernel_applies(user_table, item_table)
+    got = list_scores(user_table, item_table, users, items)
+    want = (item_table[items] * user_table[users].unsqueeze(1)).sum(-1)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    assert torch.allclose(got, want, **tol)
+    got_grads = torch.autograd.grad((got * weights).sum(), (user_table, item_table))
+    want_grads = torch.autograd.grad((want * weights).sum(), (user_table, item_table))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, **tol)
+
+
+def test_relaxed_ranking_kernel_and_torch_paths_agree(monkeypatch):
+    """The numba kernel and the torch code of the fast path: same loss and gradients (padding
+    inside and at the end of lists, a row without rest, a row with nothing valid)."""
+    import baselines.common as common
+
+    gen = torch.Generator().manual_seed(6)
+    scores = (5 * torch.randn(5, 12, generator=gen, dtype=torch.float64)).requires_grad_()
+    valid = torch.rand(5, 12, generator=gen) > 0.25
+    valid[3] = False
+    rest = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    results = []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(common, "kernel_applies", lambda *tensors: False)
+        rest_values = torch.where(torch.arange(5) == 1, torch.full_like(rest, NEG), rest)
+        loss = plackett_luce_loss(scores, valid, rest_values)
+        results.append((loss.detach(), *torch.autograd.grad(loss.sum(), (scores, rest))))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    for b in range(5):
+        keep = valid[b]
+        want = naive_pl(scores[b][keep].detach(), [] if b == 1 else [rest[b].detach()])
+        assert results[0][0][b].item() == pytest.approx(float(want), rel=1e-10, abs=1e-12)
