@@ -57,6 +57,9 @@ def reciprocal_positions(scores: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 
 #: Rows per chunk of the fused pairwise loss: a chunk's ``[rows, h, l]`` temporaries stay in cache.
 PAIR_CHUNK = 32
+#: Ordered items per block of ``tiered_lambda_loss`` (each block is paired with the candidates
+#: after its first item only: ~27% fewer pair terms than the full square for 100 of 140).
+ORDERED_BLOCK = 25
 
 
 class WeightedPairLogistic(torch.autograd.Function):
@@ -110,8 +113,14 @@ def tiered_lambda_loss(scores: torch.Tensor, valid: torch.Tensor, n_ordered: int
     ones = valid.to(scores.dtype)
     later = (torch.arange(width, device=scores.device).unsqueeze(0)
              > torch.arange(g, device=scores.device).unsqueeze(1)).to(scores.dtype)            # [g, C]
-    total = WeightedPairLogistic.apply(scores[:, :g], scores, inverse[:, :g], inverse, later,
-                                       ones[:, :g], ones)
+    total = scores.new_zeros(scores.shape[0])
+    # the ordered group in blocks of rows, each against the columns after its first row only:
+    # the pairs (i, j > i) fill a triangle, and whole blocks of j <= i are never computed
+    for start in range(0, g, ORDERED_BLOCK):
+        rows, after = slice(start, min(start + ORDERED_BLOCK, g)), slice(start + 1, width)
+        total = total + WeightedPairLogistic.apply(scores[:, rows], scores[:, after], inverse[:, rows],
+                                                   inverse[:, after], later[rows, after], ones[:, rows],
+                                                   ones[:, after])
     if list_length > g:
         total = total + WeightedPairLogistic.apply(
             scores[:, g:list_length], scores[:, list_length:], inverse[:, g:list_length],

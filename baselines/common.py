@@ -188,10 +188,15 @@ class TrainIndex:
         return out
 
 
+#: Users per block of ``student_rankings``: a ``[256, n_items]`` float32 block (~26 MB on
+#: CiteULike-t) goes through ``topk`` faster than a 4x larger one.
+RANKING_BATCH = 256
+
+
 @torch.no_grad()
 def student_rankings(score_fn, train_index: TrainIndex, n_users: int, items: torch.Tensor | None,
-                     top: int, rank_cap: int | None = None,
-                     batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     top: int, rank_cap: int | None = None, batch_size: int = RANKING_BATCH,
+                     owned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The student's ranking among each user's non-training items.
 
     Returns ``(top_items [n_users, top], ranks)``: the student's ``top`` best non-training items
@@ -199,12 +204,17 @@ def student_rankings(score_fn, train_index: TrainIndex, n_users: int, items: tor
     listed item (the number of non-training items the student scores strictly higher), capped at
     ``rank_cap`` if given: ``min(rank, rank_cap)`` needs only the top ``rank_cap`` scores of a row
     (one ``topk``), not a sort of the whole row.
+
+    ``owned``: ``score_fn`` returns tensors this function may overwrite (a reused buffer); otherwise
+    its scores are copied first (a model may return cached scores).
     """
     device = train_index.indptr.device
     tops, ranks = [], []
     for start in range(0, n_users, batch_size):
         users = torch.arange(start, min(start + batch_size, n_users), device=device)
-        scores = score_fn(users).to(torch.float32, copy=True)      # a copy: score_fn's may be cached
+        scores = score_fn(users)
+        if not (owned and scores.dtype == torch.float32):
+            scores = scores.to(torch.float32, copy=True)
         rows, train_items = train_index.entries(users)
         scores.index_put_((rows, train_items), scores.new_tensor(-torch.inf))    # no dense mask
         k = min(top, scores.shape[1])
@@ -349,8 +359,19 @@ class KDBaseline(Distiller):
         was_training = self.student.training
         self.student.train(False)
         try:
-            return student_rankings(self.student.score, self.train_index, self.split.n_users, items, top,
-                                    rank_cap)
+            if not self.factorized:
+                return student_rankings(self.student.score, self.train_index, self.split.n_users, items,
+                                        top, rank_cap)
+            # inner products written into one reused block (no fresh [256, n_items] tensor per call)
+            user_table = self.student.user_emb.weight.detach()
+            item_table = self.student.item_emb.weight.detach()
+            block = item_table.new_empty(RANKING_BATCH, item_table.shape[0])
+
+            def score_block(users: torch.Tensor) -> torch.Tensor:
+                return torch.mm(user_table.index_select(0, users), item_table.T, out=block[:len(users)])
+
+            return student_rankings(score_block, self.train_index, self.split.n_users, items, top, rank_cap,
+                                    batch_size=RANKING_BATCH, owned=True)
         finally:
             self.student.train(was_training)
 

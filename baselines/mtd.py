@@ -59,11 +59,11 @@ class MTD(KDBaseline):
             raise HetCompError("mtd: n_uninteresting must be >= 1")
         final = knowledge.trajectories[:, -1]
         self.list_k = min(int(self.cfg["top_k"]), final.shape[2])
-        # user-major [U, T * K]: teacher t's list of user u is lists[u, t * K:(t + 1) * K]
+        # user-major [U, T * K] (teacher t's list of user u: user_lists[u, t * K:(t + 1) * K])
         lists = torch.from_numpy(np.ascontiguousarray(final[:, :, :self.list_k].transpose(1, 0, 2))
                                  .reshape(final.shape[1], -1).astype(np.int64))
-        self.lists_valid = (lists >= 0).to(self.device)
-        self.lists = lists.clamp(min=0).to(self.device)
+        self.user_lists_valid = (lists >= 0).to(self.device)
+        self.user_lists = lists.clamp(min=0).to(self.device)
         self.n_teachers = final.shape[0]
         self.negatives: torch.Tensor | None = None
         self.teacher_keys: torch.nn.Parameter | None = None
@@ -79,7 +79,8 @@ class MTD(KDBaseline):
         return itertools.chain(self.student.parameters(), extra)
 
     def on_epoch(self, epoch: int) -> None:
-        self.negatives = self.draw_outside(self.lists, self.lists_valid, int(self.cfg["n_uninteresting"]))
+        self.negatives = self.draw_outside(self.user_lists, self.user_lists_valid,
+                                           int(self.cfg["n_uninteresting"]))
 
     def weights(self, users: torch.Tensor) -> torch.Tensor:
         """Per-user teacher weights ``[B, T]`` (rows sum to 1)."""
@@ -90,8 +91,8 @@ class MTD(KDBaseline):
     def kd_loss(self, users):
         if self.negatives is None:
             raise HetCompError("mtd: no uninteresting items drawn yet (epoch_batches was not called)")
-        lists = self.lists.index_select(0, users)                              # [B, T * K]
-        valid = self.lists_valid.index_select(0, users)
+        lists = self.user_lists.index_select(0, users)                         # [B, T * K]
+        valid = self.user_lists_valid.index_select(0, users)
         batch, n_teachers, length = len(users), self.n_teachers, self.list_k
         negatives = self.negatives.index_select(0, users)
         scores = self.item_scores(users, torch.cat([lists, negatives], dim=1))

@@ -195,6 +195,25 @@ def test_tiered_lambda_loss_matches_naive():
             assert got[b].item() == pytest.approx(float(want), rel=1e-10)
 
 
+def test_tiered_lambda_loss_blocks_of_the_ordered_group_change_nothing(monkeypatch):
+    """The ordered group in blocks of rows (each against the candidates after its first row) gives
+    the loss and gradients of one block over the whole group."""
+    import baselines.cldrd as cldrd
+
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.randn(4, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(4, 11, dtype=torch.bool)
+    valid[2, 3] = valid[1, 9] = False
+    results = []
+    for block in (100, 2, 3):
+        monkeypatch.setattr(cldrd, "ORDERED_BLOCK", block)
+        loss = tiered_lambda_loss(scores, valid, 7, 8)
+        results.append((loss.detach(), torch.autograd.grad(loss.sum(), scores)[0]))
+    for got in results[1:]:
+        assert torch.allclose(got[0], results[0][0], rtol=1e-12) and torch.allclose(got[1], results[0][1],
+                                                                                    rtol=1e-12, atol=1e-15)
+
+
 def test_listwise_gradients_finite_difference():
     gen = torch.Generator().manual_seed(2)
     scores = torch.randn(2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -257,6 +276,21 @@ def test_capped_student_ranks_equal_exact_ranks_below_the_cap():
                                               batch_size=3)
         assert torch.equal(capped, naive.clamp(max=cap))
         assert torch.equal(kept.gather(1, capped_top), kept.gather(1, top))    # ties may swap ids
+
+
+def test_distiller_rankings_from_a_reused_block_equal_the_students_scores(data, monkeypatch):
+    """KDBaseline.rankings writes an inner-product student's scores into one reused block (in
+    place); the result equals student_rankings on the student's own (copied) scores."""
+    import baselines.common as common
+
+    monkeypatch.setattr(common, "RANKING_BATCH", 5)          # several blocks through one buffer
+    split, knowledge = data
+    distiller = RRD(split, knowledge, make_student(split), {}, CPU)
+    items = distiller.topk
+    want_top, want_ranks = student_rankings(distiller.student.score, distiller.train_index, split.n_users,
+                                            items, 5, rank_cap=8)
+    got_top, got_ranks = distiller.rankings(items, 5, rank_cap=8)
+    assert torch.equal(got_top, want_top) and torch.equal(got_ranks, want_ranks)
 
 
 # -------------------------------------------------------------------------------------------
