@@ -57,7 +57,7 @@ from hetcomp.registry import METHODS, load_all
 SHAPE = {"users": 5219, "items": 25181, "train": 78958, "valid": 20823, "test": 20823,
          "teachers": 6, "checkpoints": 4, "top_n": 100, "observed": 10}
 REFERENCE = {"epoch_s": 24.2, "dkc_s": 15.7, "eval_s": 11.4, "peak_mb": 21.2 * 1024}
-TARGET = {"epoch_s": 5.0, "dkc_s": 0.5, "eval_s": None, "peak_mb": 1024.0}
+TARGET = {"epoch_s": 2.0, "dkc_s": 0.5, "eval_s": None, "peak_mb": 1024.0}
 
 
 def _skewed_counts(rng, n_users: int, total: int, minimum: int = 3) -> np.ndarray:
