@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -171,6 +172,10 @@ def accuracy_vs_cost(long: pd.DataFrame, cost: pd.DataFrame, path: Path) -> None
             ax.annotate(r.name, (r.latency_ms, r.recall), textcoords="offset points", xytext=(4, 3),
                         fontsize=7)
         ax.set_xscale("log")
+        # ticks at 1, 2, 5 x 10^k with plain labels (the default minor labels overlap)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         _label_students(ax, sub[sub["kind"] == "student"])
         ax.set_xlabel("latency per batch (ms, log scale)")
         ax.set_ylabel("test Recall@50")
