@@ -23,6 +23,7 @@ Conventions (every baseline):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,18 +33,19 @@ import torch.nn.functional as F
 
 from baselines.kernels import kernel_applies, list_scores, relaxed_ranking_kernel
 from baselines.sampling import ItemSampler
-from hetcomp.config import merge_defaults
+from hetcomp.config import TUNE_KEY, merge_defaults
 from hetcomp.distill.base import Distiller
+from hetcomp.distill.student import STUDENT_DEFAULTS
 from hetcomp.distill.losses import Workspace, factorized_rest_log_mass
 from hetcomp.errors import HetCompError
+from hetcomp.training import LoopConfig
 
 #: Stand-in for log(0): exp(NEG - x) == 0 for any realistic score x, yet all arithmetic stays finite.
 NEG = -1e30
 
 #: Keys of a method YAML that belong to the training loop, the student or the tuning grid, not to
-#: the distiller.
-LOOP_KEYS = frozenset({"lr", "weight_decay", "max_epochs", "eval_every", "patience", "select_metric",
-                       "round_select", "checkpoint_every", "student_dim", "batch_size", "init_std", "tune"})
+#: the distiller (derived from their definitions, so a new loop key needs no edit here).
+LOOP_KEYS = frozenset({f.name for f in dataclasses.fields(LoopConfig)} | set(STUDENT_DEFAULTS) | {TUNE_KEY})
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from hetcomp.config import resolve_overrides
 from hetcomp.data.store import Split, to_csr
 from hetcomp.errors import HetCompError
 from hetcomp.knowledge import TeacherKnowledge, combine_rankings
-from hetcomp.models.base import Recommender
 from hetcomp.models.mf import MF
+
+from doubles import ScoreOnly
 from hetcomp.registry import METHODS, load_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -501,23 +502,6 @@ def test_mtd_single_teacher_is_rrd_on_its_list(data):
 # -------------------------------------------------------------------------------------------
 # every method: generic student path, determinism, configs, registry, training
 # -------------------------------------------------------------------------------------------
-
-class ScoreOnly(Recommender):
-    """A student seen only through ``score`` (no embeddings): the distillers' generic path."""
-
-    def __init__(self, inner: MF):
-        super().__init__(inner.n_users, inner.n_items)
-        self.inner = inner
-
-    def epoch_batches(self, epoch, generator):
-        return self.inner.epoch_batches(epoch, generator)
-
-    def loss(self, batch):
-        return self.inner.loss(batch)
-
-    def score(self, users):
-        return self.inner.score(users)
-
 
 GENERIC = [("rrd", {}), ("rrd", {"uninteresting": "catalogue"}), ("cldrd", {}), ("mtd", {"weighting": "uniform"})]
 

@@ -23,6 +23,8 @@ from hetcomp.knowledge import TeacherKnowledge
 from hetcomp.models.mf import MF
 from hetcomp.registry import METHODS, load_all
 
+from doubles import ScoreOnly
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 CLASSES = {"cd": CD, "dcd": DCD, "rd": RD}
@@ -319,28 +321,6 @@ def test_yaml_keys_and_tune_grid(name):
     assert merged == dict(CLASSES[name].defaults)       # the YAML records the defaults
     assert set(tune) <= set(CLASSES[name].defaults) and "lambda" in tune and len(tune) == 2
     assert math.prod(len(v) for v in tune.values()) <= 6
-
-
-class ScoreOnly(MF):
-    """The same MF seen only through ``score`` (no embedding attributes): the generic path."""
-
-    def __init__(self, inner: MF):
-        torch.nn.Module.__init__(self)
-        self.n_users, self.n_items, self.inner = inner.n_users, inner.n_items, inner
-
-    def __getattr__(self, name):
-        if name in ("user_emb", "item_emb"):
-            raise AttributeError(name)
-        return super().__getattr__(name)
-
-    def epoch_batches(self, epoch, generator):
-        return self.inner.epoch_batches(epoch, generator)
-
-    def loss(self, batch):
-        return self.inner.loss(batch)
-
-    def score(self, users):
-        return self.inner.score(users)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))

@@ -30,7 +30,8 @@ from pathlib import Path
 from hetcomp.checkpoint import Checkpoint, array_fingerprint, checkpoint_path, run_key
 from hetcomp.config import apply_set, config_hash, load_yaml, resolve_overrides
 from hetcomp.data.store import load_split
-from hetcomp.distill.runner import resolve_method_config, run_distillation, write_distillation_outputs
+from hetcomp.distill.runner import (input_provenance, resolve_method_config, run_distillation,
+                                   write_distillation_outputs)
 from hetcomp.errors import HetCompError
 from hetcomp.knowledge import load_knowledge
 from hetcomp.registry import METHODS, load_all
@@ -104,10 +105,7 @@ def run(args) -> int:
             knowledge.trajectories, knowledge.observed, knowledge.final_topk)))
     result, distiller = run_distillation(args.method, split, knowledge, config, args.seed, device, where,
                                          checkpoint)
-    provenance = {"command": args.command, "config_file": str(args.config), "split_dir": str(args.split),
-                  "split_fingerprint": fingerprint,
-                  "ensemble_dir": str(args.ensemble) if knowledge is not None else None,
-                  "teachers": list(knowledge.teachers) if knowledge is not None else None,
+    provenance = {"command": args.command, **input_provenance(args, fingerprint, knowledge),
                   "tuned": tuned, "tuned_from": str(args.tuned) if tuned else None}
     write_distillation_outputs(args.out, method_name=args.method, teacher=teacher, result=result,
                                distiller=distiller, config=effective, seed=args.seed, device=device,

@@ -26,7 +26,8 @@ import torch
 from hetcomp.checkpoint import Checkpoint, array_fingerprint, checkpoint_path, run_key
 from hetcomp.config import config_hash, load_yaml, resolve_overrides
 from hetcomp.data.store import load_split
-from hetcomp.distill.runner import resolve_method_config, run_distillation, write_distillation_outputs
+from hetcomp.distill.runner import (input_provenance, resolve_method_config, run_distillation,
+                                   write_distillation_outputs)
 from hetcomp.errors import HetCompError
 from hetcomp.knowledge import load_knowledge
 from hetcomp.registry import METHODS, load_all
@@ -75,10 +76,7 @@ def run(args) -> int:
                   knowledge.trajectories, knowledge.observed, knowledge.final_topk)}
     partial = checkpoint_path(args.out).parent
     teacher = "ensemble" if uses_knowledge else None
-    provenance = {"command": "distill", "config_file": str(args.config), "split_dir": str(args.split),
-                  "split_fingerprint": fingerprint,
-                  "ensemble_dir": str(args.ensemble) if knowledge is not None else None,
-                  "teachers": list(knowledge.teachers) if knowledge is not None else None}
+    provenance = input_provenance(args, fingerprint, knowledge)
     rows, finished, point_runs = [], [], []
     for index, point in enumerate(resolved.grid):
         point_where = f"{where}, tune point {index}"
@@ -102,7 +100,7 @@ def run(args) -> int:
                                    distiller=distiller, seed=args.seed, device=device, started=point_started,
                                    config={"method": args.method, "teacher": teacher, "dataset": dataset,
                                            **point_config},
-                                   **provenance, tuned=point, tuned_from=str(args.out))
+                                   command="distill", **provenance, tuned=point, tuned_from=str(args.out))
         rows.append(grid_row(index, point, result.valid.means(), result.test.means(), result.best_epoch,
                              result.train_time_s))
         done.save(rows[-1])
@@ -115,10 +113,7 @@ def run(args) -> int:
     grid_config = {"method": args.method, "dataset": dataset, **resolved.effective(), "tune": resolved.grid}
     info = run_info(config=grid_config, config_hash=config_hash(grid_config), seed=args.seed, device=device,
                     wall_time_s=time.perf_counter() - started, command=args.command, method=args.method,
-                    dataset=dataset, config_file=str(args.config), split_dir=str(args.split),
-                    split_fingerprint=fingerprint,
-                    ensemble_dir=str(args.ensemble) if knowledge is not None else None,
-                    teachers=list(knowledge.teachers) if knowledge is not None else None)
+                    dataset=dataset, **provenance)
     chosen = write_tuning(args.out, rows, resolved.grid, info, point_runs)
     for done, point_run in zip(finished, point_runs):
         shutil.rmtree(point_run, ignore_errors=True)

@@ -128,6 +128,13 @@ def run_distillation(method_name: str, split: Split, knowledge: TeacherKnowledge
     return result, distiller
 
 
+def input_provenance(args, split_fingerprint: str, knowledge: TeacherKnowledge | None) -> dict:
+    """Where a `distill`/`tune` run's inputs came from (its YAML, split and ensemble), for run_info."""
+    return {"config_file": str(args.config), "split_dir": str(args.split), "split_fingerprint": split_fingerprint,
+            "ensemble_dir": str(args.ensemble) if knowledge is not None else None,
+            "teachers": list(knowledge.teachers) if knowledge is not None else None}
+
+
 def write_distillation_outputs(out: str | Path, *, method_name: str, teacher: str | None,
                                result: FitResult, distiller, config: dict, seed: int,
                                device: torch.device, started: float, **provenance) -> None:
