@@ -26,7 +26,9 @@ of top items, as the HetComp authors ran every baseline):
   original's last stage has no negatives; without them a recommender's list would never be
   pushed above the catalogue);
 - the stage advances every ``stage_epochs`` (50) epochs: the original moves on after a fixed
-  training budget per stage, not on a validation signal;
+  training budget per stage, not on a validation signal; so early stopping cannot end a run
+  before every stage, the last included, has had its ``stage_epochs`` (``min_epochs``); the
+  best validation epoch is still selected over the whole run;
 - the per-user loss is the mean over that user's valid pairs, then averaged over the batch's
   users (the original averages over all pairs of the batch: the same when every list is full).
 
@@ -148,6 +150,12 @@ class CLDRD(KDBaseline):
         self.ordered = [min(int(g), self.top_k) for g in ordered]
         self.stage = 0
         self.negatives: torch.Tensor | None = None
+
+    @property
+    def min_epochs(self) -> int:
+        """Every stage, the last included, trains its full ``stage_epochs`` before early stopping
+        may end the run (the original trains each stage for a fixed budget)."""
+        return int(self.cfg["stage_epochs"]) * len(self.ordered)
 
     def stage_for_epoch(self, epoch: int) -> int:
         return min(epoch // int(self.cfg["stage_epochs"]), len(self.ordered) - 1)

@@ -43,6 +43,8 @@ from hetcomp.errors import HetCompError
 from hetcomp.registry import METHODS
 
 WEIGHTINGS = ("gate", "uniform")
+#: The gate's entry in the task state (beside the student's parameters).
+GATE_KEY = "mtd.teacher_keys"
 
 
 @METHODS.register("mtd")
@@ -77,6 +79,21 @@ class MTD(KDBaseline):
     def parameters(self):
         extra = [self.teacher_keys] if self.teacher_keys is not None else []
         return itertools.chain(self.student.parameters(), extra)
+
+    def state_dict(self) -> dict:
+        """The student's state and the gate's teacher vectors (restored with the best epoch)."""
+        state = super().state_dict()
+        if self.teacher_keys is not None:
+            state = {**state, GATE_KEY: self.teacher_keys.detach().clone()}
+        return state
+
+    def load_state_dict(self, state: dict):
+        state = dict(state)
+        keys = state.pop(GATE_KEY, None)
+        if keys is not None and self.teacher_keys is not None:
+            with torch.no_grad():
+                self.teacher_keys.copy_(keys)
+        return super().load_state_dict(state)
 
     def on_epoch(self, epoch: int) -> None:
         self.negatives = self.draw_outside(self.user_lists, self.user_lists_valid,

@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
-    """What the loop trains. ``hetcomp.models.base.ModelTask`` and distillers implement it."""
+    """What the loop trains. ``hetcomp.models.base.ModelTask`` and distillers implement it.
+
+    A task may also have ``min_epochs`` (default 0): early stopping does not end training before
+    that many epochs (a curriculum's length); ``max_epochs`` still does.
+    """
 
     def parameters(self) -> Iterable[torch.nn.Parameter]: ...
 
@@ -141,6 +145,7 @@ def fit(task: Task, evaluator: Evaluator, config: LoopConfig, generator: torch.G
     metric = config.select_metric
     checkpoint = checkpoint if config.checkpoint_every is not None else None
     best = None  # (selection key, epoch, results, state)
+    min_epochs = int(getattr(task, "min_epochs", 0))
     stale = 0
     n_evaluations = 0
     history: list[dict] = []
@@ -205,7 +210,7 @@ def fit(task: Task, evaluator: Evaluator, config: LoopConfig, generator: torch.G
                 history.append(record)
                 log.info(progress_line(epoch, config, sum(losses.values()), valid[metric], best[0], best[1],
                                        stale, time.perf_counter() - started))
-                finished = finished or stale >= config.patience
+                finished = finished or (stale >= config.patience and epoch + 1 >= min_epochs)
                 if (checkpoint is not None and not finished and not stop.received
                         and n_evaluations % config.checkpoint_every == 0):
                     save(epoch + 1)

@@ -6,6 +6,7 @@ CD, DCD and RD have their own test module."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -427,6 +428,7 @@ def test_cldrd_stage_schedule_and_checks(data):
         stages.append(cl.after_epoch(epoch)["cldrd_stage"])
     assert stages == [0, 0, 1, 1, 2, 2, 2]
     assert cl.method_state()["ordered_group"] == 8
+    assert cl.min_epochs == 6                          # three stages of 2 epochs before early stopping
     assert CLDRD.defaults["ordered"] == [10, 20, 50, 100]
     for bad in ({"ordered": [5, 2]}, {"ordered": []}, {"stage_epochs": 0}):
         with pytest.raises(HetCompError):
@@ -484,6 +486,23 @@ def test_mtd_uniform_weights_and_gate_start(data):
         MTD(split, knowledge, student, {"weighting": "agreement"}, CPU)
     with pytest.raises(HetCompError, match="user embeddings"):
         MTD(split, knowledge, ScoreOnly(student), {}, CPU)
+
+
+def test_mtd_best_state_includes_the_gate(data):
+    """The loop restores the best epoch's state: the gate's teacher vectors must come back with it."""
+    split, knowledge = data
+    mtd = started(MTD(split, knowledge, make_student(split), {"top_k": 6}, CPU))
+    with torch.no_grad():
+        mtd.teacher_keys.copy_(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+    best, weights = copy.deepcopy(mtd.state_dict()), mtd.mean_weights()
+    with torch.no_grad():
+        mtd.teacher_keys.zero_()
+        mtd.student.user_emb.weight.add_(1.0)
+    assert mtd.mean_weights() != weights
+    mtd.load_state_dict(best)
+    assert mtd.mean_weights() == weights
+    assert torch.equal(mtd.student.user_emb.weight, best["user_emb.weight"])
+    assert set(mtd.student.state_dict()) == set(best) - {"mtd.teacher_keys"}   # student.pt: the student only
 
 
 def test_mtd_single_teacher_is_rrd_on_its_list(data):

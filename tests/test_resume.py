@@ -2,7 +2,7 @@
 
 Interruptions: a crash inside an evaluation (resume from the last periodic checkpoint), SIGTERM
 during an evaluation (a checkpoint is saved at the end of that epoch) and SIGINT in the middle of
-an epoch (stops before the next batch). Also: early stopping on rounded metrics, the progress line.
+an epoch (stops before the next batch). Also: early stopping on rounded metrics and a task's minimum epochs, the progress line.
 """
 
 from __future__ import annotations
@@ -247,6 +247,17 @@ def test_rounded_selection_can_pick_another_best_epoch(round_select, best_epoch,
     result = fit(OneParameter(), ScriptedEvaluator(values), config, torch.Generator())
     assert result.best_epoch == best_epoch and result.history[-1]["epoch"] == last_epoch
     assert result.valid.means()["recall@50"] == values[best_epoch]
+
+
+@pytest.mark.parametrize("min_epochs, last_epoch", [(0, 2), (5, 4), (50, 5)])
+def test_early_stopping_waits_for_the_tasks_min_epochs(min_epochs, last_epoch):
+    # best at epoch 0, stale from then on: patience 2 stops at epoch 2 unless the task (a
+    # curriculum) asks for more epochs; max_epochs still ends the run
+    task = OneParameter()
+    task.min_epochs = min_epochs
+    config = LoopConfig(max_epochs=6, eval_every=1, patience=2, checkpoint_every=None)
+    result = fit(task, ScriptedEvaluator([0.3, 0.2, 0.2, 0.2, 0.2, 0.2]), config, torch.Generator())
+    assert result.best_epoch == 0 and result.history[-1]["epoch"] == last_epoch
 
 
 def test_loop_config_keys_are_checked():
