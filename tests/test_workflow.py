@@ -142,6 +142,17 @@ def test_default_config_is_the_one_seed_citeulike_grid_writing_outside_results(t
     assert "work/results/tables/main.md" in result.stdout
 
 
+def test_reference_layer_regenerates_results_from_the_committed_records_alone(tmp_path):
+    """config/reference.yaml lists only recorded runs: from a clean work folder nothing is trained,
+    tuned or measured; the splits are prepared and the reports made from results/reference."""
+    config = layered("reference.yaml")
+    assert config["reference"]["use"] and config["results_dir"] == "results"
+    result = snakemake("-n", "--configfile", "config/reference.yaml", *isolated(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    assert job_counts(result.stdout + result.stderr) == {
+        "prepare": len(config["datasets"]), "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
+
+
 def test_missing_raw_file_stops_before_any_job_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HETCOMP_DATA_DIR", str(tmp_path / "empty"))
     result = snakemake("-n", *isolated(tmp_path))
