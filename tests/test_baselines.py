@@ -19,7 +19,7 @@ import yaml
 from baselines.cldrd import CLDRD, tiered_lambda_loss
 from baselines.common import (NEG, TrainIndex, masked_logsumexp, method_config, plackett_luce_loss,
                               soft_bce_loss, student_rankings, weighted_logsigmoid_loss)
-from baselines.mtd import MTD
+from baselines.mtd import GATE_KEY, MTD
 from baselines.rrd import RRD
 from hetcomp.config import resolve_overrides
 from hetcomp.data.store import Split, to_csr
@@ -502,7 +502,7 @@ def test_mtd_best_state_includes_the_gate(data):
     mtd.load_state_dict(best)
     assert mtd.mean_weights() == weights
     assert torch.equal(mtd.student.user_emb.weight, best["user_emb.weight"])
-    assert set(mtd.student.state_dict()) == set(best) - {"mtd.teacher_keys"}   # student.pt: the student only
+    assert set(mtd.student.state_dict()) == set(best) - {GATE_KEY}   # student.pt: the student only
 
 
 def test_mtd_single_teacher_is_rrd_on_its_list(data):

@@ -27,8 +27,6 @@ class Distiller:
 
     #: False for methods that ignore the teachers (w/o KD); the CLI then needs no ensemble.
     uses_knowledge = True
-    #: Early stopping may not end training before this many epochs (a curriculum's length).
-    min_epochs = 0
 
     def __init__(self, split: Split, knowledge: TeacherKnowledge | None, student: Recommender,
                  config: dict, device: torch.device):
