@@ -31,10 +31,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from baselines.kernels import kernel_applies, list_scores, relaxed_ranking_kernel
+from baselines.kernels import relaxed_ranking_kernel
 from baselines.sampling import ItemSampler
 from hetcomp.config import TUNE_KEY, merge_defaults
 from hetcomp.distill.base import Distiller
+from hetcomp.distill.list_scores import kernel_applies, list_scores
 from hetcomp.distill.student import STUDENT_DEFAULTS
 from hetcomp.distill.losses import Workspace, factorized_rest_log_mass
 from hetcomp.errors import HetCompError
@@ -246,7 +247,7 @@ class KDBaseline(Distiller):
     ``draw_outside`` / ``sampling_generator``) and ``after_epoch``.
 
     For an inner-product student (``user_emb``/``item_emb``, i.e. MF) the scores of listed items
-    come straight from the embeddings (``baselines.kernels.list_scores``: no autograd graph of
+    come straight from the embeddings (``hetcomp.distill.list_scores``: no autograd graph of
     gathers) and the catalogue-wide rest mass from
     ``hetcomp.distill.losses.factorized_rest_log_mass`` (no clamp: the baselines have none), so no
     ``[B, n_items]`` score matrix goes through autograd; any other student uses its full

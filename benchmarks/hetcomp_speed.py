@@ -169,16 +169,16 @@ def peak_mb() -> float:
 
 def profile_fused_kernel(distiller, batch, reps: int = 3) -> dict:
     """ns per (user, item) pair of the fused kernel's forward and backward on one batch (one
-    thread, CPU time of the thread, best of ``reps``), and ns per call of its exp2 alone on values
-    in the L1 cache (``exp``)."""
+    thread, CPU time of the thread, best of ``reps``), ns per call of its exp2 alone on values
+    in the L1 cache (``exp``), and the speed-up of forward + backward (wall, best of ``reps``) on
+    the benchmark's threads over one thread (``scaling``: what the cores give together)."""
     from numba import njit
 
     from hetcomp.distill import fused_rest
 
     users = torch.unique(batch[0])
     n_items = distiller.split.n_items
-    rows = torch.arange(len(users)).unsqueeze(1)
-    exclude = [distiller._train_entries(users), (rows * n_items + distiller.targets[users]).flatten()]
+    exclude = distiller._exclusions(users)
     user_vectors = distiller.student.user_emb(users).detach()
     items = distiller.student.item_emb.weight.detach()
     pairs = len(users) * n_items
@@ -199,10 +199,21 @@ def profile_fused_kernel(distiller, batch, reps: int = 3) -> dict:
             times.append(time.thread_time() - started)
         return min(times)
 
+    def both_wall() -> float:
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            out = fused_rest.FusedRestLogMass.apply(u, i, exclude, distiller.clamp)
+            out.backward(torch.ones_like(out))
+            times.append(time.perf_counter() - started)
+        return min(times)
+
     threads = torch.get_num_threads()
+    u, i = user_vectors.clone().requires_grad_(True), items.clone().requires_grad_(True)
+    on_threads = both_wall()
     torch.set_num_threads(1)
     try:
-        u, i = user_vectors.clone().requires_grad_(True), items.clone().requires_grad_(True)
+        on_one = both_wall()
         forward = best(lambda: fused_rest.FusedRestLogMass.apply(u, i, exclude, distiller.clamp))
         backward = []
         for _ in range(reps):
@@ -218,7 +229,7 @@ def profile_fused_kernel(distiller, batch, reps: int = 3) -> dict:
         torch.set_num_threads(threads)
     return {"forward": forward / pairs * 1e9, "backward": min(backward) / pairs * 1e9,
             "exp": exp / (repeats * len(values)) * 1e9, "users": len(users),
-            "tile": fused_rest.TILE}
+            "tile": fused_rest.TILE, "scaling": on_one / on_threads}
 
 
 def print_profile(profile: dict, pairs_per_epoch: int, threads: int) -> None:
@@ -230,8 +241,11 @@ def print_profile(profile: dict, pairs_per_epoch: int, threads: int) -> None:
     print(f"  exp2 alone {exp:.3f} ns per call: {2 * exp / (fwd + bwd):.0%} of the kernel. Every operand "
           f"is in L1 (tiles of {profile['tile']} items), so the kernel is bound by arithmetic "
           f"and L1 traffic, not by memory bandwidth.")
-    kernel_s = pairs_per_epoch * (fwd + bwd) * 1e-9 / threads
-    exp_s = pairs_per_epoch * 2 * exp * 1e-9 / threads
+    scaling = profile["scaling"]
+    kernel_s = pairs_per_epoch * (fwd + bwd) * 1e-9 / scaling
+    exp_s = pairs_per_epoch * 2 * exp * 1e-9 / scaling
+    print(f"  on {threads} threads forward + backward run {scaling:.2f}x as fast as on one (ideal {threads}x; "
+          f"below it, the cores share something: a host's SMT siblings, a frequency limit)")
     print(f"  per epoch on {threads} threads: the kernel ~{kernel_s:.2f} s; the exp2 alone (2 per pair) "
           f"~{exp_s:.2f} s, the floor of any recomputing kernel on this machine")
 
@@ -364,7 +378,7 @@ def main() -> None:
     extra += " " + " ".join(f"{k}_peak_mb={peaks[k]:.0f}" for k in kernels)
     if profile is not None:
         extra += (f" fused_fwd_ns_per_pair={profile['forward']:.3f} fused_bwd_ns_per_pair={profile['backward']:.3f}"
-                  f" exp_ns={profile['exp']:.3f}")
+                  f" exp_ns={profile['exp']:.3f} thread_scaling={profile['scaling']:.2f}")
     print(f"RESULT epoch_s={epoch_s:.3f} dkc_s={dkc_s:.3f} eval_s={eval_s:.3f} peak_mb={peak:.0f} "
           f"kernel={default} {extra}")
 

@@ -671,7 +671,7 @@ def test_plackett_luce_fast_and_wide_paths_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_list_scores_kernel_matches_autograd(dtype):
-    from baselines.kernels import kernel_applies, list_scores
+    from hetcomp.distill.list_scores import kernel_applies, list_scores
 
     gen = torch.Generator().manual_seed(5)
     user_table = torch.randn(7, 3, generator=gen, dtype=dtype, requires_grad=True)

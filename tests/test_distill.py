@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from hetcomp.cli import main
-from hetcomp.data.store import save_split
+from hetcomp.data.store import Split, save_split, to_csr
 from hetcomp.distill.runner import resolve_method_config
 from hetcomp.distill.student import build_student
 from hetcomp.errors import HetCompError
@@ -197,3 +197,61 @@ def test_resolve_method_config_is_strict():
     assert resolved.student == {"student_dim": 6, "batch_size": 1024, "init_std": 0.01}
     with pytest.raises(HetCompError, match="integer"):
         resolve_method_config(METHODS.get("hetcomp"), {"max_epochs": 1.5}, "x")
+
+
+def _mid_size_split(n_users=900, n_items=3000, per_user=12, seed=0):
+    """Random interactions (``per_user`` train, 1 valid, 1 test per user), many items per list."""
+    rng = np.random.RandomState(seed)
+    parts = {}
+    chosen = np.stack([rng.choice(n_items, per_user + 2, replace=False) for _ in range(n_users)])
+    users = np.arange(n_users)
+    for name, cols in (("train", chosen[:, :per_user]), ("valid", chosen[:, per_user:per_user + 1]),
+                       ("test", chosen[:, per_user + 1:])):
+        parts[name] = to_csr(np.repeat(users, cols.shape[1]), cols.ravel(), (n_users, n_items))
+    meta = {"dataset": "mid", "n_users": n_users, "n_items": n_items, "n_eval_users": n_users}
+    return Split(meta=meta, **parts)
+
+
+def test_hetcomp_gradients_are_bit_identical_with_two_threads(tmp_path):
+    """Same batch, same state, two torch threads: the same gradients, bit for bit (a parallel
+    scatter of the listed items' gradients adds in no fixed order; the list-score kernel does)."""
+    load_all()
+    split = _mid_size_split()
+    knowledge = load_knowledge(write_knowledge(split, tmp_path / "ens", depth=110, n_observed=12))
+    method_cls = METHODS.get("hetcomp")
+    resolved = resolve_method_config(method_cls, {**TINY_HETCOMP, "top_k": 100, "student_dim": 6}, "test")
+    users = torch.arange(split.n_users)
+    torch.set_num_threads(2)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        student = build_student(split.n_users, split.n_items, resolved.student, "cpu")
+        student.setup(split.train, "cpu")
+        distiller = method_cls(split, knowledge, student, resolved.method, "cpu")
+        sum(distiller.loss_terms((users, users, users)).values()).backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_hetcomp_exclusions_follow_the_targets(tiny_split, tmp_path):
+    """The per-user excluded items (training items and T_u) are rebuilt when DKC moves targets."""
+    load_all()
+    knowledge = load_knowledge(write_knowledge(tiny_split, tmp_path / "ens"))
+    method_cls = METHODS.get("hetcomp")
+    resolved = resolve_method_config(method_cls, TINY_HETCOMP, "test")
+    student = build_student(tiny_split.n_users, tiny_split.n_items, resolved.student, "cpu")
+    student.setup(tiny_split.train, "cpu")
+    distiller = method_cls(tiny_split, knowledge, student, resolved.method, "cpu")
+    train = tiny_split.train.tocsr()
+
+    def expected(u):
+        return sorted(train.indices[train.indptr[u]:train.indptr[u + 1]].tolist() + distiller.targets[u].tolist())
+
+    before = distiller.targets.clone()
+    for epoch in (2, 4):                       # alpha < 1: the second call moves every pair
+        distiller.run_dkc(epoch)
+    assert not torch.equal(before, distiller.targets)
+    users = torch.tensor([5, 0, 59, 17])
+    batch = distiller._exclusions(users)
+    for row, u in enumerate(users.tolist()):
+        assert batch.items[batch.ptr[row]:batch.ptr[row + 1]].tolist() == expected(u)

@@ -65,11 +65,14 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fused_rest, "TILE", 64)
 
 
+@pytest.mark.parametrize("n_rows", [6, 7])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("clamp", [40.0, None])
-def test_values_and_gradients_equal_the_reference(clamp, threads, one_thread):
-    torch.set_num_threads(threads)          # 7 rows: chunks of 3 and 4 rows with 2 threads
-    _check_against_reference(*_problem(0), clamp)
+def test_values_and_gradients_equal_the_reference(clamp, threads, n_rows, one_thread):
+    # rows go in groups of 4: with 2 threads, 7 rows are chunks of 4 and 3 (a padded group) and
+    # 6 rows chunks of 3 and 3 (the first chunk's group reads a row of the other chunk)
+    torch.set_num_threads(threads)
+    _check_against_reference(*_problem(0, n_rows=n_rows), clamp)
 
 
 def test_scores_at_the_clamp():
@@ -85,9 +88,12 @@ def test_scores_at_the_clamp():
     assert bool(((users @ items[0]).abs() > 40).all()) and bool((grad_items[0] == 0).all())
 
 
-def test_no_clamp_with_scores_beyond_the_safe_shift():
-    """Without a clamp and with score bounds above 40 the shift is each row's largest kept score."""
-    users, items, groups = _problem(2, scale=2.0)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_no_clamp_with_scores_beyond_the_safe_shift(threads, one_thread):
+    """Without a clamp and with score bounds above 40 the shift is each row's largest kept score
+    (with 2 threads each computes its chunk's shifts while the other may read them)."""
+    torch.set_num_threads(threads)
+    users, items, groups = _problem(2, n_rows=6, scale=2.0)
     bound = users.norm(dim=1) * items.norm(dim=1).max()
     assert bool((bound > fused_rest.SAFE_SHIFT).any()) and bool((bound < fused_rest.SAFE_SHIFT).any())
     _check_against_reference(users, items, groups, None)
@@ -106,6 +112,31 @@ def test_rows_with_nothing_left():
     rows_kept = [g[(g // 70 != 2)] for g in (train, groups[1])]
     rows_kept = [torch.where(g // 70 > 2, g - 70, g) for g in rows_kept]    # renumber rows 3, 4
     _check_against_reference(users[keep], items, rows_kept, 40.0)
+
+
+def _row_exclusions(groups, n_rows, n_items):
+    flat = torch.sort(torch.cat(groups)).values
+    return losses.RowExclusions(torch.searchsorted(flat, torch.arange(n_rows + 1) * n_items), flat % n_items)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_presorted_row_exclusions_equal_the_flat_groups(threads, one_thread, monkeypatch):
+    """``RowExclusions`` (each row's items sorted, as HetComp keeps them) give the same result as
+    the flat groups: bit for bit in the fused kernel, and the torch path agrees."""
+    torch.set_num_threads(threads)
+    users, items, groups = _problem(6, n_rows=6)
+    rows = _row_exclusions(groups, 6, len(items))
+    assert torch.equal(rows.flat(len(items)), torch.sort(torch.cat(groups)).values)
+    results = []
+    for exclude in (groups, rows):
+        u, i, out = _fused(users, items, exclude, 40.0)
+        (out * torch.arange(6.0)).sum().backward()
+        results.append((out, u.grad, i.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    monkeypatch.setenv(losses.REST_KERNEL_ENV, "torch")
+    torch.testing.assert_close(factorized_rest_log_mass(users, items, rows, 40.0), results[0][0],
+                               rtol=RTOL, atol=0)
 
 
 def test_two_runs_are_bit_identical(one_thread):

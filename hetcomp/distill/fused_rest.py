@@ -10,13 +10,15 @@ score and pass no gradient), but the ``[B, n_items]`` score block is never writt
 - the catalogue is cut into tiles of ``TILE`` items; a tile of the item table (stored
   ``[n_tiles, d, TILE]``, one contiguous row per dimension) stays in the L1 cache while every
   user of the thread's chunk goes over it;
-- per (user, tile): ``d`` fused multiply-adds per item give the score in base-2 units, one
-  ``exp2`` (a vectorisable polynomial, about 1e-7 relative error) gives ``exp(s - m_b)`` into a
-  tile-sized buffer, the user's excluded items in that tile are set to 0 there (each user's
-  exclusion list is sorted once per batch, so a cursor finds them), and the buffer is summed;
-- the backward recomputes the buffer the same way, zeroes the clamped entries too, and adds
-  ``w_j q_j`` to the user's gradient and ``w_j u_b`` to its thread's item-gradient partial, four
-  users at a time (one load and store of the gradient tile for four users).
+- per (4 users, tile): ``d`` fused multiply-adds per (user, item) give the score in base-2 units,
+  one ``exp2`` (a vectorisable polynomial, about 1e-7 relative error) gives ``exp(s - m_b)`` into
+  a tile-sized buffer per user; the four users' independent chains of multiply-adds keep the
+  core busy (one user at a time waits on each chain's latency). Each user's excluded items in
+  that tile are set to 0 there (each user's exclusion list is sorted, so a cursor finds them),
+  and each buffer is summed;
+- the backward recomputes the buffers the same way, zeroes the clamped entries too, and adds
+  ``w_j q_j`` to each user's gradient and ``w_j u_b`` to its thread's item-gradient partial (one
+  load and store of the gradient tile for four users).
 
 Sums over items run in float32 within a tile and in float64 across tiles. The shift ``m_b`` is
 the same as the torch path's: ``min(|p_b| max_j |q_j|, c)`` when that keeps every kept exponent
@@ -40,7 +42,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from hetcomp.distill.losses import over_row_blocks
+from hetcomp.distill.losses import RowExclusions, over_row_blocks
 
 #: Items per tile: the tile's item vectors, its item-gradient partial and the exp buffer
 #: (``(2 d + 1) * TILE * 4`` bytes) stay in a 32 KB L1 cache for small ``d``.
@@ -150,26 +152,40 @@ def _make_kernels(D: int):
 
     @njit(nogil=True, fastmath=_FLAGS, cache=True)
     def forward(users2, tiles, n_items, shift, lo, hi, ptr, items, first, last, total):
-        """``total[r] = sum_{j kept} exp2(clamp(s_rj, lo, hi) - shift[r])`` for rows ``first..last-1``."""
+        """``total[r] = sum_{j kept} exp2(clamp(s_rj, lo, hi) - shift[r])`` for rows ``first..last-1``.
+
+        Rows go in groups of 4 (``users2`` and ``shift`` have 3 padding rows): one pass over a tile
+        computes the four rows' exponentials, four independent chains of multiply-adds and exp2."""
         size = tiles.shape[2]
-        buf = np.empty(size, dtype=np.float32)
+        bufs = np.empty((4, size), dtype=np.float32)
         cursor = ptr[first:last].copy()
         total[first:last] = 0.0
         for t in range(tiles.shape[0]):
             tile, t0 = tiles[t], t * size
             n = min(size, n_items - t0)
-            for r in range(first, last):
-                user, m = users2[r], shift[r]
+            for r0 in range(first, last, 4):
+                u0, u1, u2, u3 = users2[r0], users2[r0 + 1], users2[r0 + 2], users2[r0 + 3]
+                m0, m1, m2, m3 = shift[r0], shift[r0 + 1], shift[r0 + 2], shift[r0 + 3]
+                b0, b1, b2, b3 = bufs[0], bufs[1], bufs[2], bufs[3]
                 for j in range(n):
-                    s = _ZERO
+                    s0 = s1 = s2 = s3 = _ZERO
                     for k in range(D):
-                        s += user[k] * tile[k, j]
-                    buf[j] = _exp2_nonpositive(min(max(s, lo), hi) - m)
-                cursor[r - first] = _set_excluded(items, cursor[r - first], ptr[r + 1], t0, t0 + n, buf, _ZERO)
-                acc = _ZERO
-                for j in range(n):
-                    acc += buf[j]
-                total[r] += acc
+                        q = tile[k, j]
+                        s0 += u0[k] * q
+                        s1 += u1[k] * q
+                        s2 += u2[k] * q
+                        s3 += u3[k] * q
+                    b0[j] = _exp2_nonpositive(min(max(s0, lo), hi) - m0)
+                    b1[j] = _exp2_nonpositive(min(max(s1, lo), hi) - m1)
+                    b2[j] = _exp2_nonpositive(min(max(s2, lo), hi) - m2)
+                    b3[j] = _exp2_nonpositive(min(max(s3, lo), hi) - m3)
+                for g in range(min(4, last - r0)):
+                    r, buf = r0 + g, bufs[g]
+                    cursor[r - first] = _set_excluded(items, cursor[r - first], ptr[r + 1], t0, t0 + n, buf, _ZERO)
+                    acc = _ZERO
+                    for j in range(n):
+                        acc += buf[j]
+                    total[r] += acc
 
     @njit(nogil=True, fastmath=_FLAGS, cache=True)
     def backward(users2, tiles, n_items, shift, lo, hi, ptr, items, first, last, user_scale,
@@ -177,8 +193,8 @@ def _make_kernels(D: int):
         """For rows ``first..last-1``, with ``w_rj`` the kept, passing ``exp(s_rj - m_r)``:
         ``grad_users[r] = sum_j w_rj q_j`` and ``grad_tiles[.., j] += sum_r w_rj user_scale[r]``.
 
-        Rows go in groups of 4 that share each load and store of the item-gradient tile (a
-        last, shorter group is padded with zero weights)."""
+        Rows go in groups of 4, as in ``forward``, that also share each load and store of the
+        item-gradient tile (a padding row's weights meet a zero scale and its sums are dropped)."""
         size = tiles.shape[2]
         bufs = np.zeros((4, size), dtype=np.float32)
         cursor = ptr[first:last].copy()
@@ -188,21 +204,32 @@ def _make_kernels(D: int):
             n = min(size, n_items - t0)
             for r0 in range(first, last, 4):
                 rows = min(4, last - r0)
+                u0, u1, u2, u3 = users2[r0], users2[r0 + 1], users2[r0 + 2], users2[r0 + 3]
+                m0, m1, m2, m3 = shift[r0], shift[r0 + 1], shift[r0 + 2], shift[r0 + 3]
+                w0, w1, w2, w3 = bufs[0], bufs[1], bufs[2], bufs[3]
+                for j in range(n):       # exp(s - m), 0 where the clamp passes no gradient
+                    s0 = s1 = s2 = s3 = _ZERO
+                    for k in range(D):
+                        q = tile[k, j]
+                        s0 += u0[k] * q
+                        s1 += u1[k] * q
+                        s2 += u2[k] * q
+                        s3 += u3[k] * q
+                    e0 = _exp2_nonpositive(min(max(s0, lo), hi) - m0)
+                    e1 = _exp2_nonpositive(min(max(s1, lo), hi) - m1)
+                    e2 = _exp2_nonpositive(min(max(s2, lo), hi) - m2)
+                    e3 = _exp2_nonpositive(min(max(s3, lo), hi) - m3)
+                    w0[j] = e0 if (s0 >= lo and s0 <= hi) else _ZERO
+                    w1[j] = e1 if (s1 >= lo and s1 <= hi) else _ZERO
+                    w2[j] = e2 if (s2 >= lo and s2 <= hi) else _ZERO
+                    w3[j] = e3 if (s3 >= lo and s3 <= hi) else _ZERO
                 for g in range(4):
                     if g < rows:
                         r = r0 + g
-                        user, m, buf = users2[r], shift[r], bufs[g]
-                        for j in range(n):       # exp(s - m), 0 where the clamp passes no gradient
-                            s = _ZERO
-                            for k in range(D):
-                                s += user[k] * tile[k, j]
-                            e = _exp2_nonpositive(min(max(s, lo), hi) - m)
-                            buf[j] = e if (s >= lo and s <= hi) else _ZERO
                         cursor[r - first] = _set_excluded(items, cursor[r - first], ptr[r + 1], t0, t0 + n,
-                                                          buf, _ZERO)
-                    else:
+                                                          bufs[g], _ZERO)
+                    else:   # a row past the chunk: its weights may be anything (another thread's shift)
                         bufs[g] = 0.0
-                w0, w1, w2, w3 = bufs[0], bufs[1], bufs[2], bufs[3]
                 for k in range(D):
                     c0 = user_scale[r0, k]
                     c1 = user_scale[r0 + 1, k] if rows > 1 else _ZERO
@@ -255,7 +282,9 @@ def supports(users: torch.Tensor, items: torch.Tensor) -> bool:
 
 def _exclusion_lists(exclude, n_rows: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ptr [n_rows + 1], items)``: each row's excluded items (sorted, duplicates kept) from
-    groups of row-ordered flat indices (``row * n_items + item``)."""
+    ``RowExclusions`` (as they are) or from groups of row-ordered flat indices (``row * n_items + item``)."""
+    if isinstance(exclude, RowExclusions):
+        return exclude.ptr.numpy(), exclude.items.numpy()
     groups = [exclude] if torch.is_tensor(exclude) else list(exclude)
     starts = torch.arange(n_rows + 1) * n_items
     bounds = torch.stack([torch.searchsorted(g.to(torch.int64), starts) for g in groups]).numpy()
@@ -294,7 +323,8 @@ class FusedRestLogMass(torch.autograd.Function):
         kernels = _kernels(dim)
         users_np = users.detach().contiguous().numpy()
         items_np = items.detach().contiguous().numpy()
-        users2 = users_np * _F32(_LOG2E)
+        users2 = np.zeros((n_rows + 3, dim), dtype=np.float32)     # 3 padding rows (groups of 4)
+        users2[:n_rows] = users_np * _F32(_LOG2E)
         tiles = _to_tiles(items_np)
         lo = _F32(-math.inf if clamp is None else -clamp * _LOG2E)
         hi = _F32(math.inf if clamp is None else clamp * _LOG2E)
@@ -304,7 +334,8 @@ class FusedRestLogMass(torch.autograd.Function):
                  * (np.linalg.norm(items_np.astype(np.float64), axis=1).max() if n_items else 0.0))
         if clamp is not None:
             bound = np.minimum(bound, clamp)
-        shift2 = (bound * _LOG2E).astype(np.float32)
+        shift2 = np.zeros(n_rows + 3, dtype=np.float32)
+        shift2[:n_rows] = bound * _LOG2E
         unsafe = np.flatnonzero(bound > SAFE_SHIFT)
         total = np.empty(n_rows, dtype=np.float64)
 
@@ -317,7 +348,7 @@ class FusedRestLogMass(torch.autograd.Function):
         _in_chunks(work, n_rows)
         ctx.save_for_backward(users, items)
         ctx.state = (users2, tiles, shift2, lo, hi, ptr, excluded, total)
-        shift = torch.from_numpy(shift2.astype(np.float64) / _LOG2E)
+        shift = torch.from_numpy(shift2[:n_rows].astype(np.float64) / _LOG2E)
         return (shift + torch.from_numpy(total).log()).to(users.dtype)
 
     @staticmethod

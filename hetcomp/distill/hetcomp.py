@@ -15,8 +15,9 @@ import torch
 
 from hetcomp.distill.base import Distiller
 from hetcomp.distill.dkc import DynamicKnowledgeConstruction, ensemble_topk, factorized_top_unobserved
-from hetcomp.distill.losses import (Workspace, factorized_rest_log_mass, overall_loss, plackett_luce,
-                                    prefix_log_rest, rank_loss, rest_log_mass)
+from hetcomp.distill.list_scores import list_scores
+from hetcomp.distill.losses import (RowExclusions, Workspace, factorized_rest_log_mass, overall_loss,
+                                    plackett_luce, prefix_log_rest, rank_loss, rest_log_mass)
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import top_unobserved
 from hetcomp.registry import METHODS
@@ -207,9 +208,9 @@ class HetComp(Distiller):
         self.observed = torch.from_numpy(observed).to(self.device)                     # [U, L], -1 padded
         train = split.train.tocsr()
         self.train_indptr = torch.from_numpy(train.indptr.astype(np.int64)).to(self.device)
-        self.train_indices = torch.from_numpy(train.indices.astype(np.int64)).to(self.device)
         owners = torch.repeat_interleave(torch.arange(n_users, device=self.device), self.train_indptr.diff())
-        self.train_flat = owners * split.n_items + self.train_indices                  # CSR order
+        self.train_flat = owners * split.n_items + torch.from_numpy(train.indices.astype(np.int64)).to(self.device)
+        self._build_exclusions()
         self.factorized = hasattr(student, "user_emb") and hasattr(student, "item_emb")
         self.workspace = Workspace()
 
@@ -231,17 +232,32 @@ class HetComp(Distiller):
         lists = np.stack([knowledge.trajectories[t, idx[t], users] for t in range(knowledge.n_teachers)])
         return ensemble_topk(lists, knowledge.n_items, self.top_k, knowledge.temperature)
 
-    def _train_entries(self, users: torch.Tensor) -> torch.Tensor:
-        """Flat indices ``row * n_items + item`` of the training items of ``users`` (row = position)."""
-        starts = self.train_indptr[users]
-        counts = self.train_indptr[users + 1] - starts
-        total = int(counts.sum())
-        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts,
-                                       output_size=total)
-        offsets = torch.arange(total, device=users.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts, output_size=total)
-        cols = self.train_indices[starts[rows] + offsets]
-        return rows * self.split.n_items + cols
+    def _build_exclusions(self) -> None:
+        """Every user's items outside the rest mass, sorted, as a CSR over users
+        (``exclusion_indptr``, ``exclusion_items``): the training items and ``T_u``, or without the
+        separation the merged list ``[P_u, T_u]``. Rebuilt whenever the targets change."""
+        n_users, n_items = self.split.n_users, self.split.n_items
+        users = torch.arange(n_users, device=self.device).unsqueeze(1)
+        if self.separate:
+            keys = torch.cat([self.train_flat, (users * n_items + self.targets).flatten()])
+        else:   # padded observed entries repeat a target
+            listed = torch.cat([torch.where(self.observed >= 0, self.observed, self.targets[:, :1]),
+                                self.targets], 1)
+            keys = (users * n_items + listed).flatten()
+        keys = torch.sort(keys).values
+        self.exclusion_indptr = torch.searchsorted(keys, torch.arange(n_users + 1, device=self.device) * n_items)
+        self.exclusion_items = keys % n_items
+
+    def _exclusions(self, users: torch.Tensor) -> RowExclusions:
+        """The excluded items of ``users`` (row = position in ``users``), gathered from the CSR."""
+        starts = self.exclusion_indptr[users]
+        counts = self.exclusion_indptr[users + 1] - starts
+        ptr = torch.zeros(len(users) + 1, dtype=torch.int64, device=users.device)
+        torch.cumsum(counts, 0, out=ptr[1:])
+        total = int(ptr[-1])
+        source = torch.arange(total, device=users.device) + torch.repeat_interleave(
+            starts - ptr[:-1], counts, output_size=total)
+        return RowExclusions(ptr, self.exclusion_items[source])
 
     # -- training ----------------------------------------------------------------------------
     def loss_terms(self, batch) -> dict[str, torch.Tensor]:
@@ -250,26 +266,19 @@ class HetComp(Distiller):
         targets = self.targets[users]                                  # [B, K]
         observed = self.observed[users]                                # [B, L]
         observed_mask = observed >= 0
-        rows = torch.arange(len(users), device=users.device).unsqueeze(1)
-        # both ordered by row, as factorized_rest_log_mass needs
-        if self.separate:   # training items and T_u leave the rest mass
-            exclude = [self._train_entries(users), (rows * n_items + targets).flatten()]
-        else:               # the merged list leaves it (padded entries repeat a target)
-            listed = torch.cat([torch.where(observed_mask, observed, targets[:, :1]), targets], 1)
-            exclude = [(rows * n_items + listed).flatten()]
+        exclude = self._exclusions(users)
         if self.factorized:
-            user_vectors = self.student.user_emb(users)
-            item_table = self.student.item_emb.weight
-            log_rest = factorized_rest_log_mass(user_vectors, item_table, exclude, self.clamp, self.workspace)
-            items = torch.cat([observed.clamp(min=0), targets], 1)
-            scores = torch.einsum("bd,bkd->bk", user_vectors, item_table[items])
+            user_table, item_table = self.student.user_emb.weight, self.student.item_emb.weight
+            log_rest = factorized_rest_log_mass(self.student.user_emb(users), item_table, exclude, self.clamp,
+                                                self.workspace)
+            scores = list_scores(user_table, item_table, users, torch.cat([observed.clamp(min=0), targets], 1))
             if self.clamp is not None:
                 scores = scores.clamp(-self.clamp, self.clamp)
         else:  # any other student: the full score matrix through autograd
             full = self.student.score(users)
             if self.clamp is not None:
                 full = full.clamp(-self.clamp, self.clamp)
-            log_rest = rest_log_mass(full, torch.cat(exclude))
+            log_rest = rest_log_mass(full, exclude.flat(n_items))
             scores = full.gather(1, torch.cat([observed.clamp(min=0), targets], 1))
         n_obs = observed.shape[1]
         if self.phase == 1:
@@ -321,6 +330,7 @@ class HetComp(Distiller):
         moved = np.flatnonzero(advanced.any(0).numpy())
         if len(moved):
             self.targets[torch.from_numpy(moved).to(self.device)] = self._ensemble(moved).to(self.device)
+            self._build_exclusions()
         if self.knowledge_final() and self.loss_mode == "adaptive":
             self._switch(epoch)
         self.dkc_epochs.append(epoch)
@@ -375,4 +385,5 @@ class HetComp(Distiller):
     def load_extra_state(self, state: dict) -> None:
         self.dkc.idx, self.dkc.last_d, self.dkc.calls = state["idx"], state["last_d"], state["calls"]
         self.targets, self.phase, self.switch_epoch = state["targets"], state["phase"], state["switch_epoch"]
+        self._build_exclusions()
         self.dkc_epochs, self.dkc_seconds = list(state["dkc_epochs"]), list(state["dkc_seconds"])

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +137,25 @@ def over_row_blocks(work: Callable[[list[int]], Any], n_rows: int, step: int, de
         torch.set_num_threads(threads)
 
 
-def _grouped(exclude: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+class RowExclusions(NamedTuple):
+    """Each row's excluded items, sorted (duplicates allowed): row ``r``'s are
+    ``items[ptr[r]:ptr[r + 1]]`` (int64 tensors on one device). ``HetComp`` keeps these per user
+    between DKC calls, so a batch's lists are gathered, not sorted again."""
+
+    ptr: torch.Tensor
+    items: torch.Tensor
+
+    def flat(self, n_items: int) -> torch.Tensor:
+        """The flat indices ``row * n_items + item``, ordered by row."""
+        counts = self.ptr.diff()
+        rows = torch.repeat_interleave(torch.arange(len(counts), device=self.ptr.device), counts,
+                                       output_size=len(self.items))
+        return rows * n_items + self.items
+
+
+def _grouped(exclude, n_items: int) -> list[torch.Tensor]:
+    if isinstance(exclude, RowExclusions):
+        return [exclude.flat(n_items)]
     return [exclude] if torch.is_tensor(exclude) else list(exclude)
 
 
@@ -188,7 +206,7 @@ class _FactorizedRestLogMass(torch.autograd.Function):
             if clamp is not None:
                 low_limit, high_limit = -clamp * _LOG2E, clamp * _LOG2E
                 may_clamp = set(range(0, n_rows // step + 1))
-        groups = _grouped(exclude)
+        groups = _grouped(exclude, n_items)
         cuts = []
         for group in groups:   # each group is ordered by row: searchsorted finds each block's slice
             starts = torch.arange(0, n_rows + step, step, device=group.device) * n_items
