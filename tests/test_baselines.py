@@ -183,9 +183,12 @@ def test_plackett_luce_matches_naive():
         assert got[b].item() == pytest.approx(float(want), rel=1e-10)
 
 
-def test_tiered_lambda_loss_matches_naive():
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-6)])
+def test_tiered_lambda_loss_matches_naive(dtype, rel):
+    """float64: the torch path; float32 on the CPU: the numba kernel (polynomial exp and log1p)."""
     gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    scores = (torch.randn(3, 9, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    scores[2, 7] = scores[2, 0] + 60.0         # far apart: exp(-|d|) at its float32 floor
     valid = torch.ones(3, 9, dtype=torch.bool)
     valid[1, 4:6] = False                      # padding inside the list (list = 6, negatives = 3)
     for n_ordered in (1, 3, 6):
@@ -193,8 +196,27 @@ def test_tiered_lambda_loss_matches_naive():
         tiers = cldrd_tiers(n_ordered, 6, 3)
         for b in range(3):
             keep = valid[b].nonzero().flatten().tolist()
-            want = naive_tiered([scores[b, i] for i in keep], [tiers[i] for i in keep])
-            assert got[b].item() == pytest.approx(float(want), rel=1e-10)
+            want = naive_tiered([scores[b, i].double() for i in keep], [tiers[i] for i in keep])
+            assert got[b].item() == pytest.approx(float(want), rel=rel)
+
+
+def test_tiered_lambda_kernel_gradient_matches_float64_autograd():
+    """The float32 kernel's gradient (computed with the loss) against float64 autograd on the torch
+    path, on a realistic size (100 listed + 40 sampled, last stage and first stage)."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(64, 140, generator=gen, dtype=torch.float64) * 3
+    valid = torch.rand(64, 140, generator=gen) > 0.05
+    reference = scores.clone().requires_grad_(True)
+    fast = scores.float().requires_grad_(True)
+    for n_ordered in (10, 100):
+        want = tiered_lambda_loss(reference, valid, n_ordered, 100)
+        got = tiered_lambda_loss(fast, valid, n_ordered, 100)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=0)
+        weights = torch.linspace(0.5, 1.5, 64, dtype=torch.float64)
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), reference)
+        (got_grad,) = torch.autograd.grad((got * weights.float()).sum(), fast)
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6 * float(want_grad.abs().max()))
+        assert (got_grad[~valid] == 0).all()
 
 
 def test_tiered_lambda_loss_blocks_of_the_ordered_group_change_nothing(monkeypatch):
