@@ -74,7 +74,10 @@ def expected_counts(config: dict) -> dict[str, int]:
     # one `hetcomp tune` job per dataset for each method whose YAML has a `tune` grid
     tuned = [name for name in dict.fromkeys([*config["methods"], *control.get("methods", [])])
              if "tune" in yaml.safe_load((ROOT / config["method_configs"] / f"{name}.yaml").read_text())]
-    n_tuned = len(tuned) if (config.get("tune") or {}).get("enabled", True) else 0
+    tune = config.get("tune") or {}
+    if tune.get("methods") is not None:
+        tuned = [name for name in tuned if name in tune["methods"]]
+    n_tuned = len(tuned) if tune.get("enabled", True) else 0
     counts = {"prepare": d, "train_teacher": d * s * t, "build_ensemble": d * s, "distill": d * s * m,
               "distill_control": d * s * c, "tune": d * n_tuned, "cost": d, "aggregate": 1, "report_tables": 1,
               "report_figures": 1, "all": 1}
@@ -140,6 +143,21 @@ def test_default_config_is_the_one_seed_citeulike_grid_writing_outside_results(t
     outputs = re.findall(r"^\s+output: (.+)$", result.stdout, re.M)
     assert outputs and not [o for o in outputs if re.search(r"(^|, )results/", o)]
     assert "work/results/tables/main.md" in result.stdout
+
+
+def test_tune_methods_tunes_only_those(tmp_path):
+    """`tune.methods` picks the tuned methods (the others train their YAML values); a method
+    without a grid there is a one-line error."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("tune: {enabled: true, methods: [rrd, cd]}\n")
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["tune"] == 2 and counts == expected_counts({**layered(), "tune": {"methods": ["rrd", "cd"]}})
+    assert sorted(re.findall(r"^\s+output: \S+/tuning/citeulike-t/(\w+)$", result.stdout, re.M)) == ["cd", "rrd"]
+    layer.write_text("tune: {enabled: true, methods: [rrd, hetcomp]}\n")
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode != 0 and "tune.methods ['hetcomp']" in result.stderr + result.stdout
 
 
 def test_reference_layer_regenerates_results_from_the_committed_records_alone(tmp_path):

@@ -338,7 +338,15 @@ def _tune_grid(method, dataset=None):
 def _tuned_methods():
     if not config["tune"]["enabled"]:
         return []
-    return [m for m in dict.fromkeys(METHODS + CONTROL_METHODS) if _tune_grid(m) is not None]
+    with_grid = [m for m in dict.fromkeys(METHODS + CONTROL_METHODS) if _tune_grid(m) is not None]
+    chosen = config["tune"].get("methods")
+    if chosen is None:
+        return with_grid
+    without = sorted(set(map(str, chosen)) - set(with_grid))
+    if without:
+        raise WorkflowError(f"tune.methods {without}: not a method or control method of this run "
+                            "with a `tune` grid in its YAML")
+    return [m for m in with_grid if m in chosen]
 
 
 TUNE_SEED = SEEDS[0] if config["tune"]["seed"] is None else int(config["tune"]["seed"])
