@@ -29,7 +29,7 @@ import numpy as np
 try:
     from numba import njit
 
-    from hetcomp.distill.fused_rest import _FLAGS, _exp2_nonpositive
+    from hetcomp.distill.fused_rest import FASTMATH_FLAGS, exp2_nonpositive
 except ImportError:      # pragma: no cover - numba is a dependency; the torch path stays usable
     njit = None
 
@@ -82,7 +82,7 @@ if njit is not None:
 
     # error_model="numpy": no ZeroDivisionError check in the divisions (1 + e, 2 + e >= 1), whose
     # branch would keep LLVM from vectorising the loop
-    @njit(cache=True, nogil=True, fastmath=_FLAGS, error_model="numpy")
+    @njit(cache=True, nogil=True, fastmath=FASTMATH_FLAGS, error_model="numpy")
     def tiered_pairs_kernel(scores, valid, inverse, n_ordered, list_length, loss, grad):
         """Per row ``b`` (float32): ``loss[b] = sum w_ij softplus(s_j - s_i)`` over CL-DRD's pairs
         (each of the first ``n_ordered`` columns against every later column, each other column before
@@ -110,7 +110,7 @@ if njit is not None:
                 for j in range(width - start):
                     d = s_j[j] - si
                     w = abs(ii - inv_j[j]) * ones_j[j]
-                    e = _exp2_nonpositive(-abs(d) * _LOG2E)
+                    e = exp2_nonpositive(-abs(d) * _LOG2E)
                     t = e / (_TWO + e)
                     u = t * t
                     series = _A6 * u + _A5

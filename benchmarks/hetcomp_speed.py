@@ -183,12 +183,12 @@ def profile_fused_kernel(distiller, batch, reps: int = 3) -> dict:
     items = distiller.student.item_emb.weight.detach()
     pairs = len(users) * n_items
 
-    @njit(nogil=True, fastmath=fused_rest._FLAGS)
+    @njit(nogil=True, fastmath=fused_rest.FASTMATH_FLAGS)
     def exp_probe(values, repeats):
         total = np.float32(0.0)
         for _ in range(repeats):
             for j in range(values.shape[0]):
-                total += fused_rest._exp2_nonpositive(values[j])
+                total += fused_rest.exp2_nonpositive(values[j])
         return total
 
     def best(fn) -> float:

@@ -54,7 +54,9 @@ MAX_DIM = 32
 SAFE_SHIFT = 40.0
 
 _LOG2E = 1.0 / math.log(2.0)
-_FLAGS = {"contract", "reassoc", "nsz", "arcp"}     # vectorised sums and FMAs; no finite-math
+#: numba fastmath flags of the kernels (also `baselines.kernels`): vectorised sums and FMAs, no
+#: finite-math assumption (infinities and NaN keep their meaning).
+FASTMATH_FLAGS = {"contract", "reassoc", "nsz", "arcp"}
 _F32 = np.float32
 # 2^f on [-1/2, 1/2]: a degree-6 least-squares fit (relative error 2e-9 before float32 rounding)
 _C0, _C1, _C2, _C3, _C4, _C5, _C6 = (_F32(1.0), _F32(6.93147206e-01), _F32(2.40226466e-01),
@@ -80,8 +82,8 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@njit(nogil=True, fastmath=_FLAGS, inline="always", cache=True)
-def _exp2_nonpositive(x):
+@njit(nogil=True, fastmath=FASTMATH_FLAGS, inline="always", cache=True)
+def exp2_nonpositive(x):
     """``2^x`` for float32 ``x <= 0`` (values below -126 give ``2^-126``)."""
     x = max(x, _LOWEST)
     k = np.int32(x - _HALF)                 # truncation of a negative number: round to nearest
@@ -128,7 +130,7 @@ def _make_kernels(D: int):
     # so that numba drops its negative-index checks and LLVM vectorises it; the width ``D`` is a
     # compile-time constant (the loops over it are unrolled). The score-and-exp loop is written
     # out in each kernel: a helper kernel captured here would defeat numba's on-disk cache.
-    @njit(nogil=True, fastmath=_FLAGS, cache=True)
+    @njit(nogil=True, fastmath=FASTMATH_FLAGS, cache=True)
     def row_maxima(users2, tiles, n_items, lo, hi, ptr, items, rows, shift):
         """``shift[r]`` = the largest kept clamped base-2 score of each row in ``rows`` (0 if none)."""
         size = tiles.shape[2]
@@ -150,7 +152,7 @@ def _make_kernels(D: int):
                     best = max(best, buf[j])
             shift[r] = best if best > -np.inf else 0.0
 
-    @njit(nogil=True, fastmath=_FLAGS, cache=True)
+    @njit(nogil=True, fastmath=FASTMATH_FLAGS, cache=True)
     def forward(users2, tiles, n_items, shift, lo, hi, ptr, items, first, last, total):
         """``total[r] = sum_{j kept} exp2(clamp(s_rj, lo, hi) - shift[r])`` for rows ``first..last-1``.
 
@@ -175,10 +177,10 @@ def _make_kernels(D: int):
                         s1 += u1[k] * q
                         s2 += u2[k] * q
                         s3 += u3[k] * q
-                    b0[j] = _exp2_nonpositive(min(max(s0, lo), hi) - m0)
-                    b1[j] = _exp2_nonpositive(min(max(s1, lo), hi) - m1)
-                    b2[j] = _exp2_nonpositive(min(max(s2, lo), hi) - m2)
-                    b3[j] = _exp2_nonpositive(min(max(s3, lo), hi) - m3)
+                    b0[j] = exp2_nonpositive(min(max(s0, lo), hi) - m0)
+                    b1[j] = exp2_nonpositive(min(max(s1, lo), hi) - m1)
+                    b2[j] = exp2_nonpositive(min(max(s2, lo), hi) - m2)
+                    b3[j] = exp2_nonpositive(min(max(s3, lo), hi) - m3)
                 for g in range(min(4, last - r0)):
                     r, buf = r0 + g, bufs[g]
                     cursor[r - first] = _set_excluded(items, cursor[r - first], ptr[r + 1], t0, t0 + n, buf, _ZERO)
@@ -187,7 +189,7 @@ def _make_kernels(D: int):
                         acc += buf[j]
                     total[r] += acc
 
-    @njit(nogil=True, fastmath=_FLAGS, cache=True)
+    @njit(nogil=True, fastmath=FASTMATH_FLAGS, cache=True)
     def backward(users2, tiles, n_items, shift, lo, hi, ptr, items, first, last, user_scale,
                  grad_users, grad_tiles):
         """For rows ``first..last-1``, with ``w_rj`` the kept, passing ``exp(s_rj - m_r)``:
@@ -215,10 +217,10 @@ def _make_kernels(D: int):
                         s1 += u1[k] * q
                         s2 += u2[k] * q
                         s3 += u3[k] * q
-                    e0 = _exp2_nonpositive(min(max(s0, lo), hi) - m0)
-                    e1 = _exp2_nonpositive(min(max(s1, lo), hi) - m1)
-                    e2 = _exp2_nonpositive(min(max(s2, lo), hi) - m2)
-                    e3 = _exp2_nonpositive(min(max(s3, lo), hi) - m3)
+                    e0 = exp2_nonpositive(min(max(s0, lo), hi) - m0)
+                    e1 = exp2_nonpositive(min(max(s1, lo), hi) - m1)
+                    e2 = exp2_nonpositive(min(max(s2, lo), hi) - m2)
+                    e3 = exp2_nonpositive(min(max(s3, lo), hi) - m3)
                     w0[j] = e0 if (s0 >= lo and s0 <= hi) else _ZERO
                     w1[j] = e1 if (s1 >= lo and s1 <= hi) else _ZERO
                     w2[j] = e2 if (s2 >= lo and s2 <= hi) else _ZERO
