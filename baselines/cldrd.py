@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from baselines.common import KDBaseline
+from baselines.common import KDBaseline, PrecomputedGradient
 from baselines.kernels import tiered_pairs_kernel
 from hetcomp.errors import HetCompError
 from hetcomp.registry import METHODS
@@ -104,24 +104,14 @@ class WeightedPairLogistic(torch.autograd.Function):
         return scale * grad_high, scale * grad_low, None, None, None, None, None
 
 
-class _KernelPairs(torch.autograd.Function):
-    """``apply(scores, valid, inverse, n_ordered, list_length)``: the per-row pair sums of
-    ``tiered_lambda_loss`` by ``baselines.kernels.tiered_pairs_kernel`` (float32 CPU), whose
-    gradient comes with them."""
-
-    @staticmethod
-    def forward(ctx, scores, valid, inverse, n_ordered, list_length):
-        loss = torch.empty(scores.shape[0], dtype=torch.float64)
-        grad = torch.empty_like(scores)
-        tiered_pairs_kernel(scores.detach().contiguous().numpy(), valid.contiguous().numpy(),
-                            inverse.contiguous().numpy(), n_ordered, list_length, loss.numpy(), grad.numpy())
-        ctx.save_for_backward(grad)
-        return loss.to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad_loss.unsqueeze(1) * grad, None, None, None, None
+def _pairs_by_kernel(scores, valid, inverse, n_ordered: int, list_length: int) -> torch.Tensor:
+    """The per-row pair sums of ``tiered_lambda_loss`` by ``baselines.kernels.tiered_pairs_kernel``
+    (float32 CPU), whose gradient comes with them (``PrecomputedGradient``)."""
+    loss = torch.empty(scores.shape[0], dtype=torch.float64)
+    grad = torch.empty_like(scores)
+    tiered_pairs_kernel(scores.detach().contiguous().numpy(), valid.contiguous().numpy(),
+                        inverse.contiguous().numpy(), n_ordered, list_length, loss.numpy(), grad.numpy())
+    return PrecomputedGradient.apply(scores, None, loss.to(scores.dtype), grad, None)
 
 
 def tiered_lambda_loss(scores: torch.Tensor, valid: torch.Tensor, n_ordered: int, list_length: int) -> torch.Tensor:
@@ -130,7 +120,7 @@ def tiered_lambda_loss(scores: torch.Tensor, valid: torch.Tensor, n_ordered: int
     negative tier; ``valid`` masks padding. Mean over the row's pairs (0 for a row with none) of
     ``|1/p_i - 1/p_j| * softplus(s_j - s_i)`` for every pair with label_i > label_j: each ordered
     item against every later candidate, each middle item against every negative. float32 on the
-    CPU: the numba kernel (``_KernelPairs``); otherwise torch (``WeightedPairLogistic``)."""
+    CPU: the numba kernel (``_pairs_by_kernel``); otherwise torch (``WeightedPairLogistic``)."""
     g = min(n_ordered, list_length)
     width = scores.shape[1]
     inverse = reciprocal_positions(scores, valid)
@@ -138,7 +128,7 @@ def tiered_lambda_loss(scores: torch.Tensor, valid: torch.Tensor, n_ordered: int
     valid_after = ones.flip(1).cumsum(1).flip(1) - ones                                      # valid j > i
     count = (ones[:, :g] * valid_after[:, :g]).sum(1) + ones[:, g:list_length].sum(1) * ones[:, list_length:].sum(1)
     if tiered_pairs_kernel is not None and scores.device.type == "cpu" and scores.dtype == torch.float32:
-        return _KernelPairs.apply(scores, valid, inverse, g, list_length) / count.clamp(min=1)
+        return _pairs_by_kernel(scores, valid, inverse, g, list_length) / count.clamp(min=1)
     later = (torch.arange(width, device=scores.device).unsqueeze(0)
              > torch.arange(g, device=scores.device).unsqueeze(1)).to(scores.dtype)            # [g, C]
     total = scores.new_zeros(scores.shape[0])

@@ -134,7 +134,8 @@ def relaxed_ranking_torch(scores: torch.Tensor, valid: torch.Tensor, rest: torch
 
 class PrecomputedGradient(torch.autograd.Function):
     """``apply(scores, rest, loss, grad_scores, grad_rest)`` is ``loss`` (``[B]``), whose gradients
-    with respect to ``scores`` and ``rest`` were computed with it (no autograd graph of the loss)."""
+    with respect to ``scores`` and ``rest`` were computed with it (no autograd graph of the loss).
+    A loss without a rest passes ``None`` for ``rest`` and ``grad_rest``."""
 
     @staticmethod
     def forward(ctx, scores, rest, loss, grad_scores, grad_rest):
@@ -144,7 +145,8 @@ class PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_scores, grad_rest = ctx.saved_tensors
-        return grad_loss.unsqueeze(1) * grad_scores, grad_loss * grad_rest, None, None, None
+        return (grad_loss.unsqueeze(1) * grad_scores, None if grad_rest is None else grad_loss * grad_rest,
+                None, None, None)
 
 
 def weighted_logsigmoid_loss(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

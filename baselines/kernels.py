@@ -16,8 +16,9 @@ per-row sum ``sum w_ij softplus(s_j - s_i)`` and its gradient in one pass over t
 per user in the last stage), vectorised over ``j``: with ``e = exp(-|d|)`` (the fused rest-mass
 kernel's ``exp2`` polynomial), ``softplus(d) = max(d, 0) + log1p(e)`` and
 ``sigmoid(d) = (1 if d >= 0 else e) / (1 + e)``; ``log1p(e) = 2 atanh(e / (2 + e))`` by its series
-(``e / (2 + e) <= 1/3``: seven terms, relative error below 1e-7, exact as ``e -> 0``). Through
-torch the same pairs took ~15 ns each (``softplus`` alone ~7 ns per element on this CPU).
+(``e / (2 + e) <= 1/3``: seven terms, relative error below 1e-7, exact as ``e -> 0``). A
+750 x 140 batch in the last stage, loss and gradient, one loaded core of the 2-core CI machine:
+31-42 ms here, 115-168 ms through torch (``softplus`` alone ~7 ns per element there).
 """
 
 from __future__ import annotations

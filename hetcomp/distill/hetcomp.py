@@ -20,6 +20,7 @@ from hetcomp.distill.losses import (RowExclusions, Workspace, factorized_rest_lo
                                     plackett_luce, prefix_log_rest, rank_loss, rest_log_mass)
 from hetcomp.errors import HetCompError
 from hetcomp.evaluation import top_unobserved
+from hetcomp.models.sampling import gather_rows
 from hetcomp.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,8 @@ class HetComp(Distiller):
 
     def _exclusions(self, users: torch.Tensor) -> RowExclusions:
         """The excluded items of ``users`` (row = position in ``users``), gathered from the CSR."""
-        starts = self.exclusion_indptr[users]
-        counts = self.exclusion_indptr[users + 1] - starts
-        ptr = torch.zeros(len(users) + 1, dtype=torch.int64, device=users.device)
-        torch.cumsum(counts, 0, out=ptr[1:])
-        total = int(ptr[-1])
-        source = torch.arange(total, device=users.device) + torch.repeat_interleave(
-            starts - ptr[:-1], counts, output_size=total)
-        return RowExclusions(ptr, self.exclusion_items[source])
+        items, offsets, counts = gather_rows(self.exclusion_indptr, self.exclusion_items, users)
+        return RowExclusions(torch.cat([offsets, offsets.new_tensor([len(items)])]), items)
 
     # -- training ----------------------------------------------------------------------------
     def loss_terms(self, batch) -> dict[str, torch.Tensor]:
