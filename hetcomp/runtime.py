@@ -7,8 +7,11 @@ import os
 import platform
 import random
 import resource
+import subprocess
 import sys
 import time
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +65,21 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+@lru_cache(maxsize=1)
+def code_version() -> dict | None:
+    """``{"commit": SHA, "dirty": bool}`` of the git checkout this package runs from (dirty: tracked
+    files changed since the commit), or None outside a git checkout or without git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(changes.strip())}
+
+
 def run_info(*, config: dict, config_hash: str, seed: int, device: torch.device,
              wall_time_s: float, **extra) -> dict:
     """The provenance record of a run."""
@@ -78,6 +96,7 @@ def run_info(*, config: dict, config_hash: str, seed: int, device: torch.device,
             "numpy": np.__version__,
             "numba": _version_of("numba"),
         },
+        "code": code_version(),
         # what chooses the CPU rest-mass implementation (hetcomp.distill.losses.rest_kernel)
         "torch_threads": torch.get_num_threads(),
         "environment": {name: os.environ.get(name) for name in RECORDED_ENV},

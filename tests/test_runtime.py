@@ -1,0 +1,35 @@
+"""The provenance record: which code a run ran."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hetcomp import runtime
+
+ROOT = Path(runtime.__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    runtime.code_version.cache_clear()
+    yield
+    runtime.code_version.cache_clear()
+
+
+def test_code_version_is_the_checkouts_commit():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    version = runtime.code_version()
+    assert version["commit"] == head and isinstance(version["dirty"], bool)
+
+
+def test_code_version_without_git_is_none(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(runtime.subprocess, "run", no_git)
+    assert runtime.code_version() is None
