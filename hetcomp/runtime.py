@@ -65,17 +65,25 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+#: The folders whose code a run executes: a change in them marks the checkout ``dirty``.
+CODE_DIRS = ("hetcomp", "baselines")
+
+
 @lru_cache(maxsize=1)
 def code_version() -> dict | None:
     """``{"commit": SHA, "dirty": bool}`` of the git checkout this package runs from (dirty: tracked
-    files changed since the commit), or None outside a git checkout or without git."""
+    files under ``CODE_DIRS`` changed since the commit), or None without git or when the package
+    is not the top of a checkout (e.g. installed into a virtual environment inside one)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        top, commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                                     capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        if Path(top).resolve() != root:
+            return None
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                  "--", *CODE_DIRS], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
     return {"commit": commit, "dirty": bool(changes.strip())}
 

@@ -33,3 +33,12 @@ def test_code_version_without_git_is_none(monkeypatch):
 
     monkeypatch.setattr(runtime.subprocess, "run", no_git)
     assert runtime.code_version() is None
+
+
+def test_code_version_of_a_copy_inside_another_checkout_is_none(monkeypatch):
+    """An installed copy (site-packages inside some checkout) must not claim that checkout's commit."""
+    def git(args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout=f"{ROOT.parent}\n{'0' * 40}\n")
+
+    monkeypatch.setattr(runtime.subprocess, "run", git)
+    assert runtime.code_version() is None
