@@ -4,8 +4,8 @@ The estimate uses the measured per-job times of ``config/job_times.yaml`` (one m
 dataset), scaled linearly by each dataset's number of interactions and counted in core-minutes
 (minutes x threads of the measurement), so that a run with other thread settings is estimated by
 the same work. Wall time is the larger of (all core-minutes / cores) and the longest single job.
-A ``tune`` job trains every point of its method's grid once: the method's measured time times
-the number of points. Standard library and PyYAML only: the Snakemake driver imports this module (it prints the plan
+A ``tune_point`` job trains one point of a method's tuning grid: the method's measured time.
+Standard library and PyYAML only: the Snakemake driver imports this module (it prints the plan
 before the first job). ``python -m hetcomp.plan [snakemake options]`` prints it for a dry run
 (``make plan``).
 """
@@ -13,7 +13,6 @@ before the first job). ``python -m hetcomp.plan [snakemake options]`` prints it 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -29,8 +28,8 @@ import yaml
 TARGET_RULES = {"all", "data", "teachers", "ensembles", "runs", "tables", "figures"}
 #: The wildcard that selects a rule's per-name minutes (controls: method, then teacher).
 KEYS = {"train_teacher": ("teacher",), "distill": ("method",), "distill_control": ("method", "teacher")}
-#: Rules whose job is a number of runs of another rule (the number: ``grid_points`` of the method).
-REPEATS = {"tune": "distill"}
+#: Rules whose job is one run of another rule (a tuning grid point is one ``distill`` run).
+REPEATS = {"tune_point": "distill"}
 
 
 @dataclass
@@ -74,10 +73,8 @@ def measured_minutes(rule: str, wildcards: Mapping, table: Mapping) -> float | N
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: str | Path,
-             grid_points: Mapping[str, int] | None = None) -> Plan:
-    """The plan of ``jobs``, each ``(rule name, wildcards, threads)``; ``grid_points``: method ->
-    points of its tuning grid."""
+def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: str | Path) -> Plan:
+    """The plan of ``jobs``, each ``(rule name, wildcards, threads)``."""
     plan = Plan()
     reference_size = table["interactions"][table["reference"]["dataset"]]
     for rule, wildcards, threads in jobs:
@@ -87,8 +84,6 @@ def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: 
         runs_of = REPEATS.get(rule, rule)
         minutes = measured_minutes(runs_of, wildcards, table)
         ref_threads = int(table["threads"].get(runs_of, 1))
-        if minutes is not None and runs_of != rule:
-            minutes *= (grid_points or {}).get(str(wildcards.get("method")), 1)
         if minutes is None:
             plan.unmeasured[rule] += 1
             minutes, ref_threads = float(table["unmeasured_minutes"]), 1
@@ -146,16 +141,6 @@ def dry_run_jobs(text: str, table: Mapping) -> list[tuple[str, dict, int]]:
     return jobs
 
 
-def tuning_points(methods: Iterable[str], method_dir: Path) -> dict[str, int]:
-    """Points of each method's ``tune`` grid (its YAML in ``method_dir``)."""
-    points = {}
-    for method in methods:
-        path = method_dir / f"{method}.yaml"
-        grid = (yaml.safe_load(path.read_text()) or {}).get("tune") if path.is_file() else None
-        points[method] = math.prod(len(v) for v in grid.values()) if isinstance(grid, dict) else 1
-    return points
-
-
 def main(argv: list[str]) -> int:
     """Dry-run the workflow with ``argv`` (Snakemake options), then print the plan."""
     from hetcomp import CONFIG_DIR, REPO_ROOT
@@ -169,8 +154,7 @@ def main(argv: list[str]) -> int:
     jobs = dry_run_jobs(result.stdout, table)
     cores = argv[argv.index("--cores") + 1] if "--cores" in argv else "all"
     cores = os.cpu_count() if cores == "all" else int(cores)
-    points = tuning_points({str(w.get("method")) for rule, w, _ in jobs if rule == "tune"}, CONFIG_DIR / "methods")
-    print(describe(estimate(jobs, table, REPO_ROOT / "work", points), cores, table))
+    print(describe(estimate(jobs, table, REPO_ROOT / "work"), cores, table))
     return 0
 
 

@@ -3,7 +3,7 @@
 import json
 
 from hetcomp import CONFIG_DIR
-from hetcomp.plan import describe, dry_run_jobs, estimate, load_job_times, tuning_points
+from hetcomp.plan import describe, dry_run_jobs, estimate, load_job_times
 
 TABLE = load_job_times(CONFIG_DIR / "job_times.yaml")
 
@@ -52,9 +52,9 @@ def test_describe_without_cores_gives_cpu_time_and_empty_plans_say_so():
     assert describe(estimate([("all", {}, 1)], TABLE, "nowhere"), 2, TABLE) == "Plan: nothing to run."
 
 
-def test_a_tuning_job_counts_one_run_per_grid_point():
-    job = [("tune", {"dataset": "citeulike-t", "method": "dcd"}, 1)]
-    plan = estimate(job, TABLE, "nowhere", {"dcd": 6})
+def test_a_tuning_point_counts_one_run_of_its_method():
+    points = [("tune_point", {"dataset": "citeulike-t", "method": "dcd", "index": str(i)}, 1) for i in range(6)]
+    plan = estimate(points, TABLE, "nowhere")
     assert plan.core_minutes == 6 * TABLE["minutes"]["distill"]["dcd"] and not plan.unmeasured
 
 
@@ -65,5 +65,3 @@ def test_dry_run_listing_is_read_back_into_jobs(tmp_path):
     jobs = dry_run_jobs(text, TABLE)
     assert jobs == [("train_teacher", {"dataset": "citeulike-t", "seed": "0", "teacher": "mf"}, 2),
                     ("all", {}, 1), ("tune", {"dataset": "citeulike-t", "method": "dcd"}, 1)]
-    (tmp_path / "dcd.yaml").write_text("lr: 1\ntune: {a: [1, 2, 3], b: [1, 2]}\n")
-    assert tuning_points(["dcd", "none"], tmp_path) == {"dcd": 6, "none": 1}

@@ -170,6 +170,29 @@ def test_interrupted_tune_resumes_with_the_unfinished_points(workspace, monkeypa
     assert len(pd.read_csv(workspace / "tuning" / "grid.csv")) == 2
 
 
+def test_points_trained_one_by_one_then_chosen(workspace, monkeypatch, capsys):
+    """`--point N` trains that point only (any order, as parallel jobs would); the command without
+    it then trains nothing and chooses as a one-shot tune does."""
+    import hetcomp.commands.tune as tune_command
+
+    real, calls = tune_command.run_distillation, []
+    monkeypatch.setattr(tune_command, "run_distillation", lambda *a, **k: calls.append(a[3]["lr"]) or real(*a, **k))
+    for index in (1, 0):
+        assert _cli(workspace, "tune", "tuning", "wokd.yaml", "--point", str(index)) == 0
+        assert not (workspace / "tuning").exists()
+    assert calls == [5e-2, 1e-4]
+    assert _cli(workspace, "tune", "tuning") == 0
+    assert calls == [5e-2, 1e-4] and not (workspace / "tuning.partial").exists()
+    assert _cli(workspace, "tune", "oneshot") == 0
+    by_points, oneshot = (pd.read_csv(workspace / out / "grid.csv").drop(columns="train_time_s")
+                          for out in ("tuning", "oneshot"))
+    pd.testing.assert_frame_equal(by_points, oneshot)
+    capsys.readouterr()
+    assert _cli(workspace, "tune", "bad", "wokd.yaml", "--point", "2") == 2
+    assert "--point 2 is not a point of its 2-point grid" in capsys.readouterr().err
+    assert not (workspace / "bad").exists() and not (workspace / "bad.partial").exists()
+
+
 # ------------------------------------------------------------------------------- the workflow
 @pytest.mark.skipif(not SNAKEMAKE.is_file(), reason=f"snakemake not installed next to {sys.executable}")
 def test_workflow_tunes_methods_with_a_grid(tmp_path):
@@ -190,8 +213,12 @@ def test_workflow_tunes_methods_with_a_grid(tmp_path):
 
     out = dry_run()
     tuning = f"{tmp_path}/work/tuning/tiny/rrd"
-    assert re.search(r"^tune\s+1$", out, re.MULTILINE) and out.count("hetcomp tune --method rrd") == 1
-    assert "hetcomp tune --method dcd" not in out and f"--seed 0 --device cpu --out {tuning}" in out
+    # one job per grid point, then one that chooses
+    assert re.search(r"^tune\s+1$", out, re.MULTILINE) and re.search(r"^tune_point\s+2$", out, re.MULTILINE)
+    assert out.count("hetcomp tune --method rrd") == 3 and "hetcomp tune --method dcd" not in out
+    for index in (0, 1):
+        assert f"--seed 0 --device cpu --out {tuning} --point {index} " in out
+    assert f"--seed 0 --device cpu --out {tuning} >" in out
     # the rrd run and its two single-teacher controls (.test/config.yaml) train the chosen point
     assert out.count(f"--tuned {tuning}") == 3 and out.count("--tuned") == 3
     assert f"--tuning {tuning}" in out                                          # the aggregate reads the grid

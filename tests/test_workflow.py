@@ -9,6 +9,7 @@ a dry run), so that these tests need neither the datasets nor internet.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -71,16 +72,20 @@ def expected_counts(config: dict) -> dict[str, int]:
     t, m = len(config["teachers"]), len(config["methods"])
     control = config.get("control") or {}
     c = len(control.get("methods", [])) * len(control.get("teachers", []))
-    # one `hetcomp tune` job per dataset for each method whose YAML has a `tune` grid
-    tuned = [name for name in dict.fromkeys([*config["methods"], *control.get("methods", [])])
-             if "tune" in yaml.safe_load((ROOT / config["method_configs"] / f"{name}.yaml").read_text())]
+    # per dataset, for each method whose YAML has a `tune` grid: one `tune_point` job per grid
+    # point and one `hetcomp tune` job that chooses
+    grids = {name: yaml.safe_load((ROOT / config["method_configs"] / f"{name}.yaml").read_text()).get("tune")
+             for name in dict.fromkeys([*config["methods"], *control.get("methods", [])])}
+    tuned = [name for name, grid in grids.items() if grid]
     tune = config.get("tune") or {}
     if tune.get("methods") is not None:
         tuned = [name for name in tuned if name in tune["methods"]]
-    n_tuned = len(tuned) if tune.get("enabled", True) else 0
+    if not tune.get("enabled", True):
+        tuned = []
+    points = sum(math.prod(len(values) for values in grids[name].values()) for name in tuned)
     counts = {"prepare": d, "train_teacher": d * s * t, "build_ensemble": d * s, "distill": d * s * m,
-              "distill_control": d * s * c, "tune": d * n_tuned, "cost": d, "aggregate": 1, "report_tables": 1,
-              "report_figures": 1, "all": 1}
+              "distill_control": d * s * c, "tune": d * len(tuned), "tune_point": d * points, "cost": d,
+              "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
     return {rule: n for rule, n in counts.items() if n}
 
 

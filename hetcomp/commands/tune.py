@@ -12,6 +12,10 @@ Resuming: the running point saves its training state to ``<out>.partial/pointN.p
 ``hetcomp distill`` does (``hetcomp.checkpoint``), and each finished point its grid row to
 ``<out>.partial/pointN.done.pt``; the same command, run again after an interruption, skips the
 finished points and continues the running one. The folder is removed once the outputs are written.
+
+Parallel points: ``--point N`` trains grid point ``N`` only (0-based, grid order) into that folder
+and stops without choosing; the workflow runs one such job per point (in parallel where cores or
+cluster nodes allow), then this command without ``--point`` finds every point finished and chooses.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dataset", help="dataset whose overrides apply (default: the split's)")
+    parser.add_argument("--point", type=int, metavar="N",
+                        help="train grid point N only (0-based) and stop without choosing; run the "
+                             "command without --point once every point is finished")
 
 
 def run(args) -> int:
@@ -67,6 +74,9 @@ def run(args) -> int:
                            "1.0e-2]}}`, or train the YAML's values with hetcomp distill)")
     if uses_knowledge and not args.ensemble:
         raise HetCompError(f"method {args.method} distils teacher knowledge: give --ensemble DIR")
+    if args.point is not None and not 0 <= args.point < len(resolved.grid):
+        raise HetCompError(f"{where}: --point {args.point} is not a point of its {len(resolved.grid)}-point "
+                           f"grid (0 to {len(resolved.grid) - 1})")
     device = resolve_device(args.device)
     knowledge = load_knowledge(args.ensemble) if uses_knowledge else None
 
@@ -85,6 +95,8 @@ def run(args) -> int:
         done = Checkpoint(partial / f"point{index}.done.pt", key)
         finished.append(done)
         point_runs.append(partial / f"point{index}.run")
+        if args.point is not None and index != args.point:
+            continue
         row = done.load()
         if row is not None and (point_runs[-1] / "run_info.json").is_file():
             log.info("point %d/%d: %s, finished before", index + 1, len(resolved.grid), format_setting(point))
@@ -110,6 +122,10 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if args.point is not None:
+        log.info("point %d/%d finished; choose with the same command without --point", args.point + 1,
+                 len(resolved.grid))
+        return 0
     grid_config = {"method": args.method, "dataset": dataset, **resolved.effective(), "tune": resolved.grid}
     info = run_info(config=grid_config, config_hash=config_hash(grid_config), seed=args.seed, device=device,
                     wall_time_s=time.perf_counter() - started, command=args.command, method=args.method,

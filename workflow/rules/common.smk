@@ -15,7 +15,7 @@ REPO_ROOT = Path(workflow.basedir).resolve()
 if str(REPO_ROOT) not in sys.path:  # the driver imports two small modules of hetcomp (stdlib + yaml)
     sys.path.insert(0, str(REPO_ROOT))
 from hetcomp.data.fetch import OFFLINE_VAR, missing_file_message, offline, resolve_data_dir  # noqa: E402
-from hetcomp.plan import describe, estimate, load_job_times, tuning_points  # noqa: E402
+from hetcomp.plan import describe, estimate, load_job_times  # noqa: E402
 from hetcomp.reference import is_finished  # noqa: E402
 from snakemake.utils import validate  # noqa: E402
 
@@ -63,6 +63,7 @@ wildcard_constraints:
     seed=r"\d+",
     teacher=r"[^/]+",
     method=r"[^/]+",
+    index=r"\d+",
 
 
 def _check_config():
@@ -137,10 +138,8 @@ def print_plan():
     jobs = [(job.rule.name, dict(job.wildcards_dict or {}), int(job.threads))
             for job in workflow.dag.needrun_jobs()]
     table = load_job_times(REPO_ROOT / "config" / "job_times.yaml")
-    points = tuning_points({str(job[1].get("method")) for job in jobs if job[0] == "tune"},
-                           Path(config["method_configs"]))
     cores = workflow.cores if workflow.local_exec else None
-    print(describe(estimate(jobs, table, WORK, points), cores, table), file=sys.stderr, flush=True)
+    print(describe(estimate(jobs, table, WORK), cores, table), file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,11 +404,12 @@ def control_inputs(wildcards):
             "config": method_config(wildcards.method), **tuned_input(wildcards)}
 
 
-def tune_runtime(wildcards, attempt):
-    """The distill runtime times the number of grid points (the points train one after another)."""
+def tune_points(wildcards):
+    """The finished-point files of every point of the method's grid (one `tune_point` job each)."""
     tune = _tune_grid(wildcards.method, wildcards.dataset) or {}
     points = math.prod(len(v) for v in tune.values() if isinstance(v, list)) if isinstance(tune, dict) else 1
-    return int(_resource("distill", wildcards.dataset, "runtime") * max(points, 1) * attempt)
+    return [f"{tuning_dir(wildcards.dataset, wildcards.method)}.partial/point{index}.done.pt"
+            for index in range(max(points, 1))]
 
 
 if workflow.is_main_process:  # after dataset_config() is defined

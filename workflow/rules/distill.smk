@@ -3,11 +3,42 @@
 # distil one teacher of that ensemble alone (`--teacher NAME`).
 # A method whose YAML has a `tune` grid is first tuned per dataset on the tuning seed
 # (`hetcomp tune`, config `tune`); its runs and controls then train the chosen point (`--tuned`).
+# Each grid point is its own job (`tune_point`, in parallel where cores or nodes allow); `tune`
+# then chooses on validation from the finished points (it trains nothing itself).
+
+
+rule tune_point:
+    input:
+        unpack(tune_inputs),
+    output:
+        temp(f"{WORK}/tuning/{{dataset}}/{{method}}.partial/point{{index}}.done.pt"),
+    params:
+        hetcomp=hetcomp,
+        ensemble=ensemble_arg,
+        seed=TUNE_SEED,
+        device=DEVICE,
+        out=lambda wildcards: tuning_dir(wildcards.dataset, wildcards.method),
+    log:
+        f"{WORK}/logs/tuning/{{dataset}}/{{method}}.point{{index}}.log",
+    benchmark:
+        f"{WORK}/benchmarks/tuning/{{dataset}}/{{method}}.point{{index}}.tsv"
+    threads: threads("distill")
+    resources:
+        mem_mb=mem_mb("distill"),
+        runtime=runtime("distill"),
+        gpu=gpus("distill"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.hetcomp} tune --method {wildcards.method} --split {input.split} {params.ensemble}"
+        " --config {input.config} --seed {params.seed} --device {params.device} --out {params.out}"
+        " --point {wildcards.index} > {log} 2>&1"
 
 
 rule tune:
     input:
         unpack(tune_inputs),
+        points=tune_points,
     output:
         directory(f"{WORK}/tuning/{{dataset}}/{{method}}"),
     params:
@@ -19,11 +50,11 @@ rule tune:
         f"{WORK}/logs/tuning/{{dataset}}/{{method}}.log",
     benchmark:
         f"{WORK}/benchmarks/tuning/{{dataset}}/{{method}}.tsv"
-    threads: threads("distill")
+    threads: 1
     resources:
         mem_mb=mem_mb("distill"),
-        runtime=tune_runtime,
-        gpu=gpus("distill"),
+        runtime=runtime("distill"),
+        gpu=gpus("distill"),  # the points' device is part of their identity: the same device here
     conda:
         CONDA_ENV
     shell:
