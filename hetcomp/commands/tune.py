@@ -16,6 +16,8 @@ finished points and continues the running one. The folder is removed once the ou
 Parallel points: ``--point N`` trains grid point ``N`` only (0-based, grid order) into that folder
 and stops without choosing; the workflow runs one such job per point (in parallel where cores or
 cluster nodes allow), then this command without ``--point`` finds every point finished and chooses.
+``tune_info.json``'s ``wall_time_s`` is this command's own time (then: the choosing only); each
+point's training time is its ``train_time_s`` in ``grid.csv``.
 """
 
 from __future__ import annotations
