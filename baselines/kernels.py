@@ -47,23 +47,25 @@ if njit is not None:
         """Per row ``b``: ``loss[b]``, ``grad_scores[b]`` and ``grad_rest[b]`` of the relaxed ranking
         loss (``e``, ``A``, ``S`` as in ``baselines.common.relaxed_ranking_torch``), shifted by the
         row's largest score. Returns False, unfinished, at the first row whose valid scores and
-        rest spread wider than ``max_spread``."""
+        rest spread wider than ``max_spread``. Everything is float64 whatever the inputs' dtype: a
+        float32 ``exp`` is 0 below about -104, well inside ``max_spread``."""
         length = scores.shape[1]
         e = np.empty(length)
         after = np.empty(length)
         for b in range(scores.shape[0]):
-            top, low = rest[b], math.inf
-            if rest[b] > neg / 2:
-                low = rest[b]
+            rest_b = np.float64(rest[b])
+            top, low = rest_b, math.inf
+            if rest_b > neg / 2:
+                low = rest_b
             for k in range(length):
                 if valid[b, k]:
-                    top = max(top, scores[b, k])
-                    low = min(low, scores[b, k])
+                    top = max(top, np.float64(scores[b, k]))
+                    low = min(low, np.float64(scores[b, k]))
             if top - low > max_spread:
                 return False
             for k in range(length):
-                e[k] = math.exp(scores[b, k] - top) if valid[b, k] else 0.0
-            mass = math.exp(rest[b] - top)
+                e[k] = math.exp(np.float64(scores[b, k]) - top) if valid[b, k] else 0.0
+            mass = math.exp(rest_b - top)
             r = mass
             for k in range(length - 1, -1, -1):
                 after[k] = mass

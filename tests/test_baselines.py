@@ -712,6 +712,26 @@ def test_list_scores_kernel_matches_autograd(dtype):
         assert torch.allclose(g, w, **tol)
 
 
+def test_relaxed_ranking_kernel_float32_rows_spread_beyond_float32_exp():
+    """float32 scores (training's dtype) spread 150-500 nats: inside the fast path's FAST_SPREAD but
+    beyond float32 ``exp`` (0 below about -104), so the kernel must work in float64. A float32 ``exp``
+    made items far below the row's top weigh 0 and raised ZeroDivisionError (MTD at lambda 0.1)."""
+    from baselines.common import kernel_applies
+
+    scores = torch.tensor([[150.0, 20.0, 0.0, -10.0], [3.0, 1.0, -200.0, -497.0]], requires_grad=True)
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    rest = torch.tensor([0.5, -2.0])
+    assert kernel_applies(scores, rest)
+    loss = plackett_luce_loss(scores, valid, rest)
+    grad, = torch.autograd.grad(loss.sum(), scores)
+    for b in range(2):
+        row = scores[b].detach().double().requires_grad_()
+        want = naive_pl(row, [rest[b].double()])
+        want_grad, = torch.autograd.grad(want, row)
+        assert loss[b].detach().item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(grad[b].double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_relaxed_ranking_kernel_and_torch_paths_agree(monkeypatch):
     """The numba kernel and the torch code of the fast path: same loss and gradients (padding
     inside and at the end of lists, a row without rest, a row with nothing valid)."""
