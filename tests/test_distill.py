@@ -229,8 +229,13 @@ def test_hetcomp_gradients_are_bit_identical_with_two_threads(tmp_path):
         student.setup(split.train, "cpu")
         distiller = method_cls(split, knowledge, student, resolved.method, "cpu")
         sum(distiller.loss_terms((users, users, users)).values()).backward()
-        grads.append([p.grad.clone() for p in student.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+        grads.append({name: p.grad.clone() for name, p in student.named_parameters()})
+    # the message names the parameter and the size of a difference (this test failed once in
+    # several full runs on a loaded machine, cause not found)
+    for name, first in grads[0].items():
+        second = grads[1][name]
+        assert torch.equal(first, second), (f"{name}: {int((first != second).sum())} entries differ, "
+                                            f"max |diff| {float((first - second).abs().max()):.3g}")
 
 
 def test_hetcomp_exclusions_follow_the_targets(tiny_split, tmp_path):
