@@ -58,13 +58,14 @@ if njit is not None:
             if rest_b > neg / 2:
                 low = rest_b
             for k in range(length):
+                e[k] = np.float64(scores[b, k])
                 if valid[b, k]:
-                    top = max(top, np.float64(scores[b, k]))
-                    low = min(low, np.float64(scores[b, k]))
+                    top = max(top, e[k])
+                    low = min(low, e[k])
             if top - low > max_spread:
                 return False
             for k in range(length):
-                e[k] = math.exp(np.float64(scores[b, k]) - top) if valid[b, k] else 0.0
+                e[k] = math.exp(e[k] - top) if valid[b, k] else 0.0
             mass = math.exp(rest_b - top)
             r = mass
             for k in range(length - 1, -1, -1):
