@@ -104,6 +104,13 @@ def test_a_difference_within_the_noise_does_not_hold():
     assert all(c.verdict == C.FAILS and c.note.startswith("not significant: RRD") and c.p > 0.3 for c in checks)
 
 
+def test_hetcomp_above_wokd_alone_is_not_the_claim():
+    """(d) is about the KD competitors: with w/o KD the only other method, not enough runs."""
+    levels = {key: level for key, level in HOLDING.items() if key[1] != "rrd"}
+    checks = [c for c in C.check_claims(long_table(levels), {}, KS) if c.claim == "d"]
+    assert checks and all(c.verdict == C.UNKNOWN and c.note == "no KD baseline run" for c in checks)
+
+
 def test_one_seed_without_per_user_files_is_not_enough_runs():
     checks = C.check_claims(long_table(HOLDING, seeds=(0,)), {}, KS)
     assert all(c.verdict == C.UNKNOWN for c in checks), [(c.claim, c.verdict) for c in checks]

@@ -185,6 +185,17 @@ def test_main_table_mean_std_bold_and_order(long):
     assert "\\textbf{" in tex and "\\begin{tabular}{lcccccc}" in tex and "$\\pm$" in tex
 
 
+def test_a_row_with_fewer_seeds_says_how_many(long):
+    """A method recorded on fewer seeds than the others (a grid still growing) is marked (n=N)."""
+    fewer = long[~((long["method"] == "rrd") & (long["seed"] == 1))]
+    table = T.main_table(fewer, KS, methods=["wokd", "hetcomp", "rrd"])
+    assert table["cells"][("rrd", "tiny", "recall", 50)][2] == 1
+    rows = {line.split("|")[1].strip(): line for line in T.main_markdown(table).splitlines() if line.startswith("| ")}
+    assert rows["RRD"].count("(n=1)") == len(KS) * 2 and "(n=" not in rows["HetComp"]
+    full = T.main_markdown(T.main_table(long, KS, methods=["wokd", "hetcomp", "rrd"]))
+    assert not [line for line in full.splitlines() if line.startswith("| ") and "(n=" in line]
+
+
 def test_significance_over_seeds_matches_scipy(long):
     tests = T.significance(T.test_rows(T.main_students(long), KS), KS, ["tiny"])
     row = tests[(tests["metric"] == "recall") & (tests["K"] == 50)].iloc[0]
@@ -295,3 +306,11 @@ def test_figures_are_written_even_without_data(tmp_path):
 def test_report_cli_needs_an_output(run_cli, tmp_path, capsys):
     assert run_cli(["report", "--long", str(tmp_path / "x.csv")]) == 2
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_report_lists_datasets_in_the_given_order():
+    from hetcomp.commands.report import in_dataset_order
+
+    long = pd.DataFrame({"dataset": ["a", "c", "b", "c", "a"], "value": range(5)})
+    ordered = in_dataset_order(long, ["c", "b"])
+    assert list(ordered["dataset"]) == ["c", "c", "b", "a", "a"] and list(ordered["value"]) == [1, 3, 2, 0, 4]

@@ -165,6 +165,32 @@ def test_tune_methods_tunes_only_those(tmp_path):
     assert result.returncode != 0 and "tune.methods ['hetcomp']" in result.stderr + result.stdout
 
 
+def test_seed_limits_narrow_the_grid_and_its_teachers(tmp_path):
+    """seed_limits: the ablations on seed 0 only, a second dataset with only w/o KD on seed 1 (no
+    teachers there); controls on seed 0; cost on the first dataset. An unknown name is an error."""
+    ablations = ["hetcomp_nodkc", "hetcomp_phase1", "hetcomp_phase2", "hetcomp_nosep"]
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(yaml.safe_dump({
+        "datasets": ["citeulike-t", "amazon-music"], "seeds": [0, 1], "methods": ["wokd", "rrd", *ablations],
+        "tune": {"enabled": False}, "control": {"methods": ["rrd"], "teachers": ["mf"], "seeds": [0]},
+        "cost": {"datasets": ["citeulike-t"]},
+        "seed_limits": [{"methods": ablations, "seeds": [0]},
+                        {"datasets": ["amazon-music"], "seeds": [1]},
+                        {"datasets": ["amazon-music"], "methods": ["rrd", *ablations], "seeds": []}]}))
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    runs = sorted(re.findall(r"^\s+output: \S+/work/runs/(\S+)$", result.stdout, re.M))
+    assert runs == sorted([f"citeulike-t/seed{s}/{m}" for s in (0, 1) for m in ("wokd", "rrd")]
+                          + [f"citeulike-t/seed0/{m}" for m in ablations] + ["amazon-music/seed1/wokd"])
+    ensembles = sorted(re.findall(r"^\s+output: \S+/work/ensembles/(\S+)$", result.stdout, re.M))
+    assert ensembles == ["citeulike-t/seed0", "citeulike-t/seed1"]
+    counts = job_counts(result.stdout + result.stderr)
+    assert (counts["train_teacher"], counts["distill_control"], counts["cost"]) == (12, 1, 1)
+    layer.write_text(yaml.safe_dump({"seed_limits": [{"methods": ["hetcomp_nosep"], "seeds": [0]}]}))
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode != 0 and "seed_limits entry 1: methods ['hetcomp_nosep']" in result.stderr + result.stdout
+
+
 def test_reference_layer_regenerates_results_from_the_committed_records_alone(tmp_path):
     """config/reference.yaml lists only recorded runs: from a clean work folder nothing is trained,
     tuned or measured; the splits are prepared and the reports made from results/reference."""

@@ -38,6 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     parser.add_argument("--methods", nargs="*", default=[], help="method order of the main table")
     parser.add_argument("--teachers", nargs="*", default=[], help="teacher order of the tables and figures")
+    parser.add_argument("--datasets", nargs="*", default=[],
+                        help="dataset order of the tables and figures (others follow, by name)")
 
 
 def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, paper_path,
@@ -65,6 +67,14 @@ def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, p
     return [out_dir / name for name in TABLES]
 
 
+def in_dataset_order(long, datasets):
+    """The long table's rows with the given datasets first, in that order (the tables and figures
+    list datasets in order of appearance); the other datasets follow in their own order."""
+    rank = {name: i for i, name in enumerate(datasets)}
+    return long.sort_values("dataset", key=lambda column: column.map(lambda d: rank.get(d, len(rank))),
+                            kind="stable").reset_index(drop=True)
+
+
 def run(args) -> int:
     if not (args.tables_dir or args.figures_dir):
         raise HetCompError("nothing to do: give --tables-dir and/or --figures-dir")
@@ -72,7 +82,7 @@ def run(args) -> int:
         raise HetCompError(f"--alpha must be in (0, 1), got {args.alpha}")
     from hetcomp.report.aggregate import read_extras, read_long
 
-    long = read_long(args.long)
+    long = in_dataset_order(read_long(args.long), args.datasets)
     extras = read_extras(args.extras) if args.extras else {}
     written = []
     if args.tables_dir:

@@ -48,12 +48,21 @@ def metric_label(metric: str, k: int, short: bool = False) -> str:
     return f"{METRIC_NAMES.get(metric, metric)}@{k}"
 
 
-def fmt(mean: float, std: float | None = None, n: int = 1) -> str:
+def fmt(mean: float, std: float | None = None, n: int = 1, full: int = 1) -> str:
+    """``mean ± std`` (the mean alone for one seed), with ``(n=N)`` when the cell has fewer seeds
+    (``n``) than the most of its table's dataset (``full``)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return NA
-    if n > 1 and std is not None and not math.isnan(std):
-        return f"{mean:.4f} ± {std:.4f}"
-    return f"{mean:.4f}"
+    text = f"{mean:.4f} ± {std:.4f}" if n > 1 and std is not None and not math.isnan(std) else f"{mean:.4f}"
+    return text + (f" (n={n})" if n < full else "")
+
+
+FEWER_SEEDS_NOTE = "(n=N): the mean of only N seeds, fewer than the dataset's other rows."
+
+
+def seeds_per_dataset(summary: pd.DataFrame) -> dict:
+    """The most seeds of any row per dataset of a ``summarize`` frame (the ``full`` of ``fmt``)."""
+    return summary.groupby("dataset")["n"].max().astype(int).to_dict() if not summary.empty else {}
 
 
 def summarize(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -153,7 +162,7 @@ def main_table(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (
     rows = ordered_methods(present, methods)
     summary = summarize(students, ["dataset", "method", "metric", "K"])
     columns = [(d, m, k) for d in datasets for m, k in metric_columns(ks)]
-    cells, bold = {}, set()
+    cells, bold, full = {}, set(), seeds_per_dataset(summary)
     for dataset, metric, k in columns:
         column = summary[(summary["dataset"] == dataset) & (summary["metric"] == metric) & (summary["K"] == k)]
         for _, row in column.iterrows():
@@ -167,7 +176,7 @@ def main_table(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (
     settings = pd.DataFrame() if tuning is None or tuning.empty else \
         tuning[tuning["chosen"].astype(bool) & tuning["method"].isin(rows)]
     return {"datasets": datasets, "methods": rows, "columns": columns, "cells": cells, "bold": bold,
-            "marked": marked, "tests": tests, "alpha": alpha, "settings": settings}
+            "full": full, "marked": marked, "tests": tests, "alpha": alpha, "settings": settings}
 
 
 def settings_note(settings: pd.DataFrame) -> str:
@@ -183,7 +192,7 @@ def _cell_text(table: dict, key: tuple, bold: tuple[str, str], marks: dict) -> s
     if key not in table["cells"]:
         return NA
     mean, std, n = table["cells"][key]
-    text = fmt(mean, std, n)
+    text = fmt(mean, std, n, table["full"].get(key[1], n))
     if key in table["marked"]:
         text += marks[table["marked"][key]]
     if key in table["bold"]:
@@ -198,7 +207,7 @@ def main_markdown(table: dict) -> str:
     lines = ["# Main results: test metrics of the student", "",
              "Mean ± std over seeds at the best validation epoch; best of each column in **bold**. "
              f"HetComp vs the best other method of the column (two-sided paired t-test, p < {table['alpha']}, "
-             "see below): `*` significantly higher, `†` significantly lower.", "",
+             f"see below): `*` significantly higher, `†` significantly lower. {FEWER_SEEDS_NOTE}", "",
              settings_note(table.get("settings")), ""]
     if not body:
         lines.append("No student runs were found.")
@@ -262,6 +271,7 @@ def _wide(frame: pd.DataFrame, rows: Sequence[tuple[str, str]], ks: Sequence[int
     """Rows ``(kind, method)`` x columns ``(dataset, metric@K)`` of mean ± std, plus a params column."""
     datasets = list(dict.fromkeys(frame["dataset"]))
     summary = summarize(frame, ["kind", "method", "dataset", "metric", "K"])
+    full = seeds_per_dataset(summary)
     params = frame.groupby(["kind", "method", "dataset"])["n_parameters"].first() \
         if "n_parameters" in frame else pd.Series(dtype=float)
     header = ["Model"]
@@ -277,7 +287,7 @@ def _wide(frame: pd.DataFrame, rows: Sequence[tuple[str, str]], ks: Sequence[int
                 cell = summary[(summary["kind"] == kind) & (summary["method"] == method)
                                & (summary["dataset"] == d) & (summary["metric"] == m) & (summary["K"] == k)]
                 line.append(NA if cell.empty else fmt(cell["mean"].iloc[0], cell["std"].iloc[0],
-                                                      int(cell["n"].iloc[0])))
+                                                      int(cell["n"].iloc[0]), full[d]))
         body.append(line)
     return header, body
 
@@ -296,7 +306,7 @@ def teachers_markdown(long: pd.DataFrame, ks: Sequence[int], teachers: Sequence[
         rows.append(("student", "wokd"))
     lines = ["# Teachers, their ensemble and the student without KD", "",
              "Test metrics at the best validation epoch, mean ± std over seeds; params: trainable "
-             "parameters (the ensemble: the sum of its teachers).", ""]
+             f"parameters (the ensemble: the sum of its teachers). {FEWER_SEEDS_NOTE}", ""]
     if not rows:
         return "\n".join(lines + ["No teacher runs were found."]) + "\n"
     header, body = _wide(frame, rows, ks, lambda kind, method: display(method) + (
@@ -474,15 +484,17 @@ def ablation_markdown(long: pd.DataFrame, ks: Sequence[int]) -> str:
                 & test["method"].isin([HETCOMP, *ABLATION_LABELS])]
     rows = [m for m in [HETCOMP, *ABLATION_LABELS] if m in set(runs["method"])]
     lines = ["# Ablations of HetComp", "",
-             "Test metrics at the best validation epoch, mean ± std over seeds. Each ablation is HetComp "
-             "with one switch changed (docs/METHOD.md, \"Ablations\"):", ""]
+             f"Test metrics at the best validation epoch, mean ± std over seeds. {FEWER_SEEDS_NOTE} "
+             "Each ablation is HetComp with one switch changed (docs/METHOD.md, \"Ablations\"):", ""]
     lines += [f"- **{display(m)}** (`{m}`)" for m in ABLATION_LABELS]
     lines.append("")
     if not any(m in ABLATION_LABELS for m in rows):
         return "\n".join(lines + ["No ablation run was found: add "
                                    f"{', '.join(ABLATION_LABELS)} to the config's `methods`."]) + "\n"
     datasets = list(dict.fromkeys(runs["dataset"]))
-    summary = summarize(runs, ["method", "dataset", "metric", "K"]).set_index(["method", "dataset", "metric", "K"])
+    summary = summarize(runs, ["method", "dataset", "metric", "K"])
+    full = seeds_per_dataset(summary)
+    summary = summary.set_index(["method", "dataset", "metric", "K"])
     header = ["Method"] + [f"{d} {metric_label(m, k, short=True)}" for d in datasets for m, k in metric_columns(ks)]
     body = []
     for method in rows:
@@ -490,7 +502,7 @@ def ablation_markdown(long: pd.DataFrame, ks: Sequence[int]) -> str:
         for d in datasets:
             for m, k in metric_columns(ks):
                 key = (method, d, m, k)
-                line.append(fmt(*summary.loc[key, ["mean", "std"]], int(summary.loc[key, "n"]))
+                line.append(fmt(*summary.loc[key, ["mean", "std"]], int(summary.loc[key, "n"]), full[d])
                             if key in summary.index else NA)
         body.append(line)
     lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))

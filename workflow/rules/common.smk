@@ -83,6 +83,14 @@ def _check_config():
     for key in ("datasets", "seeds", "teachers", "methods"):
         if len(set(map(str, config[key]))) != len(config[key]):
             raise WorkflowError(f"config {key} lists a name twice: {config[key]}")
+    unknown = sorted(set(map(str, config["cost"]["datasets"] or [])) - set(map(str, config["datasets"])))
+    if unknown:
+        raise WorkflowError(f"cost.datasets {unknown} are not in datasets {config['datasets']}")
+    for number, limit in enumerate(config["seed_limits"], 1):
+        for key, known in (("datasets", config["datasets"]), ("methods", config["methods"])):
+            unknown = sorted(set(map(str, limit.get(key) or [])) - set(map(str, known)))
+            if unknown:
+                raise WorkflowError(f"seed_limits entry {number}: {key} {unknown} are not in {key} {known}")
 
 
 _check_config()
@@ -94,6 +102,30 @@ METHODS = [str(m) for m in config["methods"]]
 CONTROL_METHODS = [str(m) for m in config["control"]["methods"]]
 CONTROL_TEACHERS = [str(t) for t in config["control"]["teachers"]]
 COST_SEED = SEEDS[0] if config["cost"]["seed"] is None else int(config["cost"]["seed"])
+CONTROL_SEEDS = SEEDS if config["control"]["seeds"] is None else [int(s) for s in config["control"]["seeds"]]
+COST_DATASETS = DATASETS if config["cost"]["datasets"] is None else [str(d) for d in config["cost"]["datasets"]]
+
+
+def run_seeds(dataset, method):
+    """The seeds of a method's runs on a dataset: `seeds`, narrowed by every `seed_limits` entry
+    that names (or leaves out) the dataset and the method."""
+    seeds = SEEDS
+    for limit in config["seed_limits"]:
+        if (dataset in map(str, limit.get("datasets") or [dataset])
+                and method in map(str, limit.get("methods") or [method])):
+            allowed = {int(s) for s in limit["seeds"]}
+            seeds = [s for s in seeds if s in allowed]
+    return seeds
+
+
+def runs_at(dataset, seed):
+    """The methods that have a run on this dataset and seed."""
+    return [m for m in METHODS if seed in run_seeds(dataset, m)]
+
+
+def control_seeds(dataset, method):
+    """Seeds of a control method's single-teacher runs: its run seeds, narrowed by control.seeds."""
+    return [s for s in run_seeds(dataset, method) if s in CONTROL_SEEDS]
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,25 +204,44 @@ def all_splits():
     return [split_dir(d) for d in DATASETS]
 
 
-def all_teacher_runs(datasets=None, seeds=None):
-    return [teacher_dir(d, s, t) for d in datasets or DATASETS for s in seeds or SEEDS for t in TEACHERS]
+def ensemble_seeds(dataset):
+    """Seeds of a dataset that need the teachers and their ensemble: a run or control distils it
+    there, the tuning runs there, or its cost is measured there."""
+    needed = {s for m in METHODS if uses_ensemble(m) for s in run_seeds(dataset, m)}
+    needed |= {s for m in CONTROL_METHODS for s in control_seeds(dataset, m)}
+    if any(tuned_here(dataset, m) for m in TUNED_METHODS):
+        needed.add(TUNE_SEED)
+    if dataset in all_cost_datasets():
+        needed.add(COST_SEED)
+    return [s for s in SEEDS if s in needed]
+
+
+def all_teacher_runs():
+    return [teacher_dir(d, s, t) for d in DATASETS for s in ensemble_seeds(d) for t in TEACHERS]
 
 
 def all_ensembles():
-    return [ensemble_dir(d, s) for d in DATASETS for s in SEEDS]
+    return [ensemble_dir(d, s) for d in DATASETS for s in ensemble_seeds(d)]
 
 
-def all_student_runs(datasets=None, seeds=None):
-    return [student_dir(d, s, m) for d in datasets or DATASETS for s in seeds or SEEDS for m in METHODS]
+def all_student_runs():
+    return [student_dir(d, s, m) for d in DATASETS for m in METHODS for s in run_seeds(d, m)]
 
 
 def all_control_runs():
-    return [control_dir(d, s, m, t) for d in DATASETS for s in SEEDS
-            for m in CONTROL_METHODS for t in CONTROL_TEACHERS]
+    return [control_dir(d, s, m, t) for d in DATASETS for m in CONTROL_METHODS
+            for s in control_seeds(d, m) for t in CONTROL_TEACHERS]
+
+
+def all_cost_datasets():
+    """Datasets whose inference cost is measured: cost.datasets, those with a run on the cost seed."""
+    if not config["cost"]["enabled"]:
+        return []
+    return [d for d in COST_DATASETS if d in DATASETS and runs_at(d, COST_SEED)]
 
 
 def all_cost_dirs():
-    return [cost_dir(d) for d in DATASETS] if config["cost"]["enabled"] else []
+    return [cost_dir(d) for d in all_cost_datasets()]
 
 
 TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md",
@@ -305,7 +356,7 @@ def seed_teachers(wildcards):
 
 
 def seed_students(wildcards):
-    return [student_dir(wildcards.dataset, wildcards.seed, m) for m in METHODS]
+    return [student_dir(wildcards.dataset, wildcards.seed, m) for m in runs_at(wildcards.dataset, int(wildcards.seed))]
 
 
 def report_args(wildcards, input):
@@ -315,7 +366,7 @@ def report_args(wildcards, input):
         paper += f" --reference-long {reference}"
     return (f"--long {input.long} --extras {input.extras}{paper}"
             f" --ks {' '.join(map(str, config['ks']))} --alpha {config['report']['alpha']}"
-            f" --methods {' '.join(METHODS)} --teachers {' '.join(TEACHERS)}")
+            f" --methods {' '.join(METHODS)} --teachers {' '.join(TEACHERS)} --datasets {' '.join(DATASETS)}")
 
 
 def output_folder(wildcards, output):
@@ -358,8 +409,14 @@ def tuning_dir(dataset, method):
     return f"{WORK}/tuning/{dataset}/{method}"
 
 
+def tuned_here(dataset, method):
+    """Whether a tuned method is tuned on this dataset: it has a run or a control there."""
+    return method in TUNED_METHODS and bool(run_seeds(dataset, method) or
+                                            (method in CONTROL_METHODS and control_seeds(dataset, method)))
+
+
 def all_tuning_dirs():
-    return [tuning_dir(d, m) for d in DATASETS for m in TUNED_METHODS]
+    return [tuning_dir(d, m) for d in DATASETS for m in TUNED_METHODS if tuned_here(d, m)]
 
 
 # ---------------------------------------------------------------------------------------
