@@ -191,6 +191,25 @@ def test_seed_limits_narrow_the_grid_and_its_teachers(tmp_path):
     assert result.returncode != 0 and "seed_limits entry 1: methods ['hetcomp_nosep']" in result.stderr + result.stdout
 
 
+def test_control_datasets_keep_the_controls_to_those_datasets(tmp_path):
+    """control.datasets: controls only on the listed datasets (their runs everywhere); a dataset
+    that is not in `datasets` is a one-line error."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(yaml.safe_dump({
+        "datasets": ["citeulike-t", "amazon-music"], "seeds": [0], "methods": ["wokd", "rrd"],
+        "tune": {"enabled": False}, "cost": {"enabled": False},
+        "control": {"methods": ["rrd"], "teachers": ["mf", "cml"], "datasets": ["amazon-music"]}}))
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    controls = sorted(re.findall(r"^\s+output: \S+/work/controls/(\S+)$", result.stdout, re.M))
+    assert controls == ["amazon-music/seed0/rrd/cml", "amazon-music/seed0/rrd/mf"]
+    runs = sorted(re.findall(r"^\s+output: \S+/work/runs/(\S+)$", result.stdout, re.M))
+    assert runs == sorted(f"{d}/seed0/{m}" for d in ("citeulike-t", "amazon-music") for m in ("wokd", "rrd"))
+    layer.write_text(yaml.safe_dump({"control": {"datasets": ["gowalla"]}}))
+    result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
+    assert result.returncode != 0 and "control.datasets ['gowalla'] are not in datasets" in result.stderr + result.stdout
+
+
 def test_reference_layer_regenerates_results_from_the_committed_records_alone(tmp_path):
     """config/reference.yaml lists only recorded runs: from a clean work folder nothing is trained,
     tuned or measured; the splits are prepared and the reports made from results/reference."""

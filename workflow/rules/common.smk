@@ -83,9 +83,10 @@ def _check_config():
     for key in ("datasets", "seeds", "teachers", "methods"):
         if len(set(map(str, config[key]))) != len(config[key]):
             raise WorkflowError(f"config {key} lists a name twice: {config[key]}")
-    unknown = sorted(set(map(str, config["cost"]["datasets"] or [])) - set(map(str, config["datasets"])))
-    if unknown:
-        raise WorkflowError(f"cost.datasets {unknown} are not in datasets {config['datasets']}")
+    for section in ("cost", "control"):
+        unknown = sorted(set(map(str, config[section]["datasets"] or [])) - set(map(str, config["datasets"])))
+        if unknown:
+            raise WorkflowError(f"{section}.datasets {unknown} are not in datasets {config['datasets']}")
     for number, limit in enumerate(config["seed_limits"], 1):
         for key, known in (("datasets", config["datasets"]), ("methods", config["methods"])):
             unknown = sorted(set(map(str, limit.get(key) or [])) - set(map(str, known)))
@@ -104,6 +105,7 @@ CONTROL_TEACHERS = [str(t) for t in config["control"]["teachers"]]
 COST_SEED = SEEDS[0] if config["cost"]["seed"] is None else int(config["cost"]["seed"])
 CONTROL_SEEDS = SEEDS if config["control"]["seeds"] is None else [int(s) for s in config["control"]["seeds"]]
 COST_DATASETS = DATASETS if config["cost"]["datasets"] is None else [str(d) for d in config["cost"]["datasets"]]
+CONTROL_DATASETS = DATASETS if config["control"]["datasets"] is None else [str(d) for d in config["control"]["datasets"]]
 
 
 def run_seeds(dataset, method):
@@ -124,7 +126,10 @@ def runs_at(dataset, seed):
 
 
 def control_seeds(dataset, method):
-    """Seeds of a control method's single-teacher runs: its run seeds, narrowed by control.seeds."""
+    """Seeds of a control method's single-teacher runs: its run seeds, narrowed by control.seeds
+    (none on a dataset outside control.datasets)."""
+    if dataset not in CONTROL_DATASETS:
+        return []
     return [s for s in run_seeds(dataset, method) if s in CONTROL_SEEDS]
 
 
