@@ -169,3 +169,18 @@ def test_report_cli_writes_claims_and_ablation_tables(tmp_path, tiny_split, run_
     claims = (tables / "claims.md").read_text()
     assert "## tiny" in claims and claims.count("| (d)") == 6 and "| (e)" in claims
     assert "No ablation run" in (tables / "ablation.md").read_text()
+
+
+def test_share_kept_uses_the_seeds_of_the_controls():
+    """Controls on seed 0 only: the shares shown are seed 0's, not a mix of seed sets."""
+    long = long_table(HOLDING)
+    control = (long["method"] == "rrd") & (long["teacher"] == "mf")
+    ens_student = (long["method"] == "rrd") & (long["teacher"] == "ensemble")
+    long.loc[ens_student & (long["seed"] > 0), "value"] *= 0.5   # seeds 1-2 must not enter the numbers
+    keep = ~(control & (long["seed"] > 0))
+    long, ens_student = long[keep], ens_student[keep]
+    b = next(c for c in C.check_claims(long, {}, KS) if c.claim == "b")
+    pick = (long["metric"] == "recall") & (long["K"] == 50) & (long["seed"] == 0)
+    value = {name: long[pick & mask]["value"].iloc[0] for name, mask in
+             (("ens_student", ens_student), ("ensemble", long["kind"] == "ensemble"))}
+    assert f"({value['ens_student']:.4f}/{value['ensemble']:.4f})" in b.numbers and b.numbers.endswith("seeds 0")

@@ -14,6 +14,7 @@ from hetcomp import REPO_ROOT
 from hetcomp.data.store import save_split
 from hetcomp.errors import HetCompError
 from hetcomp.report import aggregate as A
+from hetcomp.report import claims as C
 from hetcomp.report import tables as T
 from hetcomp.report.figures import selection_frame, write_figures
 
@@ -219,6 +220,22 @@ def test_significance_with_one_seed_pairs_users(tmp_path, tiny_split):
     moved = long.assign(run="/nonexistent")
     tests = T.significance(T.test_rows(T.main_students(moved), KS), KS, ["tiny"])
     assert tests["p"].isna().all() and tests["test"].str.startswith("n/a").all()
+
+
+def test_significance_means_are_over_the_seeds_it_pairs(long):
+    """HetComp on seeds 0-1, RRD on seed 0 only: the test pairs users of seed 0, and both means
+    shown (table and claim (d)) are seed 0's, not HetComp's two-seed mean."""
+    one_seed_rrd = long[~((long["method"] == "rrd") & (long["seed"] == 1))]
+    tests = T.significance(T.test_rows(T.main_students(one_seed_rrd), KS), KS, ["tiny"])
+    row = tests[(tests["metric"] == "recall") & (tests["K"] == 50) & (tests["baseline"] == "rrd")].iloc[0]
+    hetcomp, rrd = _values(long, "hetcomp"), _values(long, "rrd")
+    assert row["seeds"] == "0" and row["test"] == "paired t-test over users"
+    assert row["hetcomp"] == pytest.approx(hetcomp[0]) and row["baseline_mean"] == pytest.approx(rrd[0])
+    assert hetcomp.mean() != pytest.approx(hetcomp[0])
+    check = [c for c in C.hetcomp_vs_baselines(T.test_rows(one_seed_rrd, KS), "tiny", KS, 0.05)
+             if c.subject == "Recall@50"][0]
+    assert f"HetComp {hetcomp[0]:.4f} vs strongest" in check.numbers and "(seeds 0;" in check.numbers
+    assert T.seed_label([0, 1, 2, 3, 4]) == "0-4" and T.seed_label([1, 0]) == "0,1" and T.seed_label([]) == "n/a"
 
 
 def test_teachers_table_has_teachers_ensemble_and_wokd(long):

@@ -39,7 +39,7 @@ from tabulate import tabulate
 from hetcomp.report import display
 from hetcomp.report.aggregate import per_user_values
 from hetcomp.report.tables import (HETCOMP, NA, main_students, metric_columns, metric_label, paired_test,
-                                   test_rows)
+                                   seed_label, test_rows)
 
 HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "not enough runs"
 #: The bound of claim (e): the student is at least this many times cheaper than the ensemble.
@@ -135,14 +135,17 @@ def hetcomp_vs_baselines(test: pd.DataFrame, dataset: str, ks: Sequence[int], al
         if set(others["method"]) == {"wokd"}:  # the claim is about the KD competitors
             rows.append(Check(dataset, "d", subject, NA, NA, 0, None, UNKNOWN, "no KD baseline run"))
             continue
-        mean = own["value"].mean()
         results = []
         for method, runs in others.groupby("method", sort=False):
-            result = paired_test(own, runs, metric, k)
+            result = paired_test(own, runs, metric, k)   # direction: the means over the seeds paired
             results.append((method, runs["value"].mean(), result,
-                            verdict(bool(mean > runs["value"].mean()), result["p"], alpha)))
+                            verdict(None if result["a_mean"] is None else bool(result["a_mean"] > result["b_mean"]),
+                                    result["p"], alpha)))
         results.sort(key=lambda r: -r[1])
         strongest = results[0]
+        paired = strongest[2]
+        mean, strongest_mean = ((paired["a_mean"], paired["b_mean"]) if paired["a_mean"] is not None
+                                else (own["value"].mean(), strongest[1]))
         outcome = (HOLDS, "")
         for level in (FAILS, UNKNOWN):   # a failed comparison decides; then a missing test
             reasons: dict[str, list[str]] = {}
@@ -155,8 +158,9 @@ def hetcomp_vs_baselines(test: pd.DataFrame, dataset: str, ks: Sequence[int], al
         ps = [r[2]["p"] for r in results]
         worst_p = None if any(p is None or pd.isna(p) for p in ps) else max(ps)
         rows.append(Check(dataset, "d", subject,
-                          f"HetComp {mean:.4f} vs strongest {display(strongest[0])} {strongest[1]:.4f} "
-                          f"({len(results)} method{'s' if len(results) > 1 else ''}; p: the largest)",
+                          f"HetComp {mean:.4f} vs strongest {display(strongest[0])} {strongest_mean:.4f} "
+                          f"(seeds {seed_label(paired['seeds'])}; {len(results)} method{'s' if len(results) > 1 else ''}; "
+                          "p: the largest)",
                           strongest[2]["test"], strongest[2]["n"], worst_p, *outcome))
     return rows
 
@@ -211,13 +215,20 @@ def share_kept(test: pd.DataFrame, dataset: str, alpha: float) -> list[Check]:
         if any(frame.empty for frame in parts.values()):
             rows.append(Check(dataset, "b", subject, NA, NA, 0, None, *verdict(None, None, alpha)))
             continue
-        means = {name: frame["value"].mean() for name, frame in parts.items()}
+        common = sorted(set.intersection(*(set(frame["seed"]) for frame in parts.values())))
+        if not common:
+            rows.append(Check(dataset, "b", subject, NA, "n/a (no common seed)", 0, None,
+                              *verdict(None, None, alpha)))
+            continue
+        # the means of the seeds the test pairs (the controls may run on fewer seeds)
+        means = {name: frame[frame["seed"].isin(common)]["value"].mean() for name, frame in parts.items()}
         share_ens = means["ens_student"] / means["ensemble"]
         share_single = means["single_student"] / means["single"]
         result = _share_test(parts, metric, k)
         numbers = (f"{metric_label(metric, k, short=True)} kept: {share_ens:.1%} of the ensemble "
                    f"({means['ens_student']:.4f}/{means['ensemble']:.4f}) vs {share_single:.1%} of "
-                   f"{display(teacher)} ({means['single_student']:.4f}/{means['single']:.4f})")
+                   f"{display(teacher)} ({means['single_student']:.4f}/{means['single']:.4f}); "
+                   f"seeds {seed_label(common)}")
         rows.append(Check(dataset, "b", subject, numbers, result["test"], result["n"], result["p"],
                           *verdict(bool(share_ens < share_single), result["p"], alpha)))
     return rows

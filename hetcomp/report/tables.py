@@ -97,10 +97,14 @@ def main_students(long: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------
 
 def paired_test(a: pd.DataFrame, b: pd.DataFrame, metric: str, k: int) -> dict:
-    """Paired t-test of runs ``a`` vs ``b`` (rows of one method each, one per seed)."""
+    """Paired t-test of runs ``a`` vs ``b`` (rows of one method each, one per seed), over the seeds
+    both have (two or more), else over the users of their one common seed. ``seeds``: those seeds;
+    ``a_mean``, ``b_mean``: each side's mean over them (None without a common seed)."""
     a_by_seed = a.set_index("seed")["value"]
     b_by_seed = b.set_index("seed")["value"]
     common = sorted(set(a_by_seed.index) & set(b_by_seed.index))
+    paired = {"seeds": common, "a_mean": float(a_by_seed.loc[common].mean()) if common else None,
+              "b_mean": float(b_by_seed.loc[common].mean()) if common else None}
     if len(common) >= 2:
         x, y = a_by_seed.loc[common].to_numpy(float), b_by_seed.loc[common].to_numpy(float)
         unit = "seeds"
@@ -111,17 +115,27 @@ def paired_test(a: pd.DataFrame, b: pd.DataFrame, metric: str, k: int) -> dict:
         users_a = per_user_values(run_a, "test", metric, k) if isinstance(run_a, str) else None
         users_b = per_user_values(run_b, "test", metric, k) if isinstance(run_b, str) else None
         if users_a is None or users_b is None:
-            return {"test": "n/a (one seed, per_user.npz unavailable)", "n": 0, "t": None, "p": None}
+            return {"test": "n/a (one seed, per_user.npz unavailable)", "n": 0, "t": None, "p": None, **paired}
         shared = users_a.index.intersection(users_b.index)
         x, y = users_a.loc[shared].to_numpy(float), users_b.loc[shared].to_numpy(float)
         unit = "users"
     else:
-        return {"test": "n/a (no common seed)", "n": 0, "t": None, "p": None}
+        return {"test": "n/a (no common seed)", "n": 0, "t": None, "p": None, **paired}
     if len(x) < 2 or np.allclose(x - y, (x - y)[0]):
-        return {"test": f"paired t-test over {unit}", "n": len(x), "t": None, "p": None}
+        return {"test": f"paired t-test over {unit}", "n": len(x), "t": None, "p": None, **paired}
     result = stats.ttest_rel(x, y)
     return {"test": f"paired t-test over {unit}", "n": len(x), "t": float(result.statistic),
-            "p": float(result.pvalue)}
+            "p": float(result.pvalue), **paired}
+
+
+def seed_label(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2]`` -> ``"0-2"``, ``[0, 3]`` -> ``"0,3"``, ``[]`` -> ``"n/a"``."""
+    seeds = sorted(int(s) for s in seeds)
+    if not seeds:
+        return NA
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
 
 
 def significance(students: pd.DataFrame, ks: Sequence[int], datasets: Sequence[str]) -> pd.DataFrame:
@@ -142,9 +156,13 @@ def significance(students: pd.DataFrame, ks: Sequence[int], datasets: Sequence[s
             result = paired_test(students[pick & (students["method"] == HETCOMP)],
                                  students[pick & (students["method"] == best["method"])], metric, k)
             own = column[column["method"] == HETCOMP].iloc[0]
+            paired = result["a_mean"] is not None
             rows.append({"dataset": dataset, "metric": metric, "K": k, "baseline": best["method"],
-                         "hetcomp": own["mean"], "baseline_mean": best["mean"], **result})
-    return pd.DataFrame(rows, columns=["dataset", "metric", "K", "baseline", "hetcomp", "baseline_mean",
+                         "seeds": seed_label(result["seeds"]),
+                         "hetcomp": result["a_mean"] if paired else own["mean"],
+                         "baseline_mean": result["b_mean"] if paired else best["mean"],
+                         **{key: result[key] for key in ("test", "n", "t", "p")}})
+    return pd.DataFrame(rows, columns=["dataset", "metric", "K", "baseline", "seeds", "hetcomp", "baseline_mean",
                                        "test", "n", "t", "p"])
 
 
@@ -218,13 +236,14 @@ def main_markdown(table: dict) -> str:
     if tests.empty:
         lines.append("No test: HetComp or a second method is missing.")
     else:
-        rows = [[r.dataset, metric_label(r.metric, int(r.K)), display(r.baseline), f"{r.hetcomp:.4f}",
+        rows = [[r.dataset, metric_label(r.metric, int(r.K)), display(r.baseline), r.seeds, f"{r.hetcomp:.4f}",
                  f"{r.baseline_mean:.4f}", r.test, r.n, NA if r.t is None or pd.isna(r.t) else f"{r.t:.3f}",
                  NA if r.p is None or pd.isna(r.p) else f"{r.p:.3g}"] for r in tests.itertuples()]
-        lines.append(tabulate(rows, headers=["Dataset", "Metric", "Best other", "HetComp", "Best other mean",
+        lines.append(tabulate(rows, headers=["Dataset", "Metric", "Best other", "Seeds", "HetComp", "Best other",
                                              "Test", "n", "t", "p"], tablefmt="github", disable_numparse=True))
-        lines += ["", "With two or more seeds the test pairs the runs of each seed; with one seed it pairs "
-                      "the per-user test metrics of the two runs (per_user.npz)."]
+        lines += ["", "Best other: the highest mean of the column. The two means here are over the seeds both "
+                      "methods ran (Seeds), the ones the test pairs: with two or more seeds it pairs the runs of "
+                      "each seed; with one seed it pairs the per-user test metrics of the two runs (per_user.npz)."]
     return "\n".join(lines) + "\n"
 
 
