@@ -207,7 +207,8 @@ def test_control_datasets_keep_the_controls_to_those_datasets(tmp_path):
     assert runs == sorted(f"{d}/seed0/{m}" for d in ("citeulike-t", "amazon-music") for m in ("wokd", "rrd"))
     layer.write_text(yaml.safe_dump({"control": {"datasets": ["gowalla"]}}))
     result = snakemake("-n", "--configfile", str(layer), *isolated(tmp_path))
-    assert result.returncode != 0 and "control.datasets ['gowalla'] are not in datasets" in result.stderr + result.stdout
+    assert result.returncode != 0
+    assert "control.datasets ['gowalla'] are not in datasets" in result.stderr + result.stdout
 
 
 def test_reference_layer_regenerates_results_from_the_committed_records_alone(tmp_path):

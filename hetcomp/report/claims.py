@@ -159,8 +159,8 @@ def hetcomp_vs_baselines(test: pd.DataFrame, dataset: str, ks: Sequence[int], al
         worst_p = None if any(p is None or pd.isna(p) for p in ps) else max(ps)
         rows.append(Check(dataset, "d", subject,
                           f"HetComp {mean:.4f} vs strongest {display(strongest[0])} {strongest_mean:.4f} "
-                          f"(seeds {seed_label(paired['seeds'])}; {len(results)} method{'s' if len(results) > 1 else ''}; "
-                          "p: the largest)",
+                          f"(seeds {seed_label(paired['seeds'])}; "
+                          f"{len(results)} method{'s' if len(results) > 1 else ''}; p: the largest)",
                           strongest[2]["test"], strongest[2]["n"], worst_p, *outcome))
     return rows
 
