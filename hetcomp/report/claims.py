@@ -173,28 +173,26 @@ def _by_seed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates("seed").set_index("seed")
 
 
-def _share_test(parts: dict[str, pd.DataFrame], metric: str, k: int) -> dict:
-    """Shares ``ensemble_student/ensemble`` (x) vs ``single_student/single`` (y), paired."""
+def _share_test(parts: dict[str, pd.DataFrame], common: list[int], metric: str, k: int) -> dict:
+    """Shares ``ensemble_student/ensemble`` (x) vs ``single_student/single`` (y), paired over the
+    ``common`` seeds of the four parts (at least one)."""
     by_seed = {name: _by_seed(frame) for name, frame in parts.items()}
-    common = sorted(set.intersection(*(set(frame.index) for frame in by_seed.values())))
     if len(common) >= 2:
         x = by_seed["ens_student"].loc[common, "value"].to_numpy(float) / \
             by_seed["ensemble"].loc[common, "value"].to_numpy(float)
         y = by_seed["single_student"].loc[common, "value"].to_numpy(float) / \
             by_seed["single"].loc[common, "value"].to_numpy(float)
         return _ttest(x, y, "seeds")
-    if len(common) == 1:
-        seed = common[0]
-        users = {name: per_user_values(by_seed[name].loc[seed, "run"], "test", metric, k)
-                 if isinstance(by_seed[name].loc[seed, "run"], str) else None
-                 for name in ("ens_student", "single_student")}
-        if all(series is not None for series in users.values()):
-            shared = users["ens_student"].index.intersection(users["single_student"].index)
-            x = users["ens_student"].loc[shared].to_numpy(float) / by_seed["ensemble"].loc[seed, "value"]
-            y = users["single_student"].loc[shared].to_numpy(float) / by_seed["single"].loc[seed, "value"]
-            return _ttest(x, y, "users (one seed; per-user R@50 / the teacher's mean)")
+    seed = common[0]
+    users = {name: per_user_values(by_seed[name].loc[seed, "run"], "test", metric, k)
+             if isinstance(by_seed[name].loc[seed, "run"], str) else None
+             for name in ("ens_student", "single_student")}
+    if any(series is None for series in users.values()):
         return {"test": "n/a (one seed, per_user.npz unavailable)", "n": 0, "p": None}
-    return {"test": "n/a (no common seed)", "n": 0, "p": None}
+    shared = users["ens_student"].index.intersection(users["single_student"].index)
+    x = users["ens_student"].loc[shared].to_numpy(float) / by_seed["ensemble"].loc[seed, "value"]
+    y = users["single_student"].loc[shared].to_numpy(float) / by_seed["single"].loc[seed, "value"]
+    return _ttest(x, y, "users (one seed; per-user R@50 / the teacher's mean)")
 
 
 def share_kept(test: pd.DataFrame, dataset: str, alpha: float) -> list[Check]:
@@ -224,7 +222,7 @@ def share_kept(test: pd.DataFrame, dataset: str, alpha: float) -> list[Check]:
         means = {name: frame[frame["seed"].isin(common)]["value"].mean() for name, frame in parts.items()}
         share_ens = means["ens_student"] / means["ensemble"]
         share_single = means["single_student"] / means["single"]
-        result = _share_test(parts, metric, k)
+        result = _share_test(parts, common, metric, k)
         numbers = (f"{metric_label(metric, k, short=True)} kept: {share_ens:.1%} of the ensemble "
                    f"({means['ens_student']:.4f}/{means['ensemble']:.4f}) vs {share_single:.1%} of "
                    f"{display(teacher)} ({means['single_student']:.4f}/{means['single']:.4f}); "
