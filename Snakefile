@@ -38,6 +38,7 @@ localrules:
     aggregate,
     report_tables,
     report_figures,
+    restore_tuning,
 
 
 onstart:

@@ -317,3 +317,26 @@ def test_tiny_config_end_to_end(tmp_path):
     assert from_records.returncode == 0, from_records.stderr[-3000:]
     assert job_counts(from_records.stdout + from_records.stderr) == {
         "distill": 1, "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
+
+    # A finished run recorded after its tuning (its record is missing here) is not redone: its
+    # tuning is the work folder's, whether or not a record of it exists.
+    shutil.rmtree(tmp_path / "reference" / "runs" / "tiny" / "seed0" / "dcd")
+    unrecorded = snakemake("-n", "--cores", "2", "--configfile", ".test/config.yaml", str(layer),
+                           *isolated(tmp_path))
+    assert unrecorded.returncode == 0, unrecorded.stderr[-3000:]
+    assert job_counts(unrecorded.stdout + unrecorded.stderr) == {
+        "distill": 1, "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
+
+    # A work folder without tunings (a new session) copies the recorded ones its runs need (RRD's
+    # and DCD's) instead of tuning again; without `reference.use` it tunes.
+    shutil.rmtree(tmp_path / "work" / "tuning")
+    shutil.rmtree(tmp_path / "work" / "runs" / "tiny" / "seed0" / "dcd")
+    restored = snakemake("-n", "--cores", "2", "--configfile", ".test/config.yaml", str(layer),
+                         *isolated(tmp_path))
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert job_counts(restored.stdout + restored.stderr) == {
+        "restore_tuning": 2, "distill": 2, "aggregate": 1, "report_tables": 1, "report_figures": 1, "all": 1}
+    retuned = snakemake("-n", *base)
+    assert retuned.returncode == 0, retuned.stderr[-3000:]
+    counts = job_counts(retuned.stdout + retuned.stderr)
+    assert "restore_tuning" not in counts and counts["tune"] >= 2, counts

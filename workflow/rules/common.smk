@@ -444,10 +444,27 @@ def recorded_all(paths):
 
 
 def tuned_input(wildcards):
-    """`{"tuned": folder}` for a run of a tuned method (its record, if used), else nothing."""
+    """`{"tuned": folder}` for a run of a tuned method, else nothing. Always the work folder's
+    tuning (restored from its record where there is one, rule `restore_tuning`), so that recording
+    a tuning mid-session does not change the input, and so the freshness, of its finished runs."""
     if wildcards.method in TUNED_METHODS:
-        return {"tuned": recorded(tuning_dir(wildcards.dataset, wildcards.method))}
+        return {"tuned": tuning_dir(wildcards.dataset, wildcards.method)}
     return {}
+
+
+#: Written into a work-folder tuning that `restore_tuning` copied from its record.
+RESTORED_MARKER = "restored_from_record.txt"
+
+
+def tuning_record_to_restore(wildcards):
+    """The record `restore_tuning` copies into the work folder: when `reference.use`, the tuning
+    is recorded and the work folder has no tuning of its own (none, or one restored before).
+    Otherwise a path that no rule makes, so that the rule `tune` makes the folder."""
+    work = Path(tuning_dir(wildcards.dataset, wildcards.method))
+    record = recorded(str(work))
+    if record != str(work) and (not work.exists() or (work / RESTORED_MARKER).is_file()):
+        return record
+    return f"{WORK}/.no-record-to-restore/{wildcards.dataset}/{wildcards.method}"
 
 
 def tuned_arg(wildcards, input):

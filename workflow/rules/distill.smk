@@ -5,6 +5,8 @@
 # (`hetcomp tune`, config `tune`); its runs and controls then train the chosen point (`--tuned`).
 # Each grid point is its own job (`tune_point`, in parallel where cores or nodes allow); `tune`
 # then chooses on validation from the finished points (it trains nothing itself).
+# With `reference.use`, a tuning that has a record is copied into the work folder instead
+# (`restore_tuning`), so runs read the work folder's tuning whether or not it is recorded.
 
 
 rule tune_point:
@@ -60,6 +62,26 @@ rule tune:
     shell:
         "{params.hetcomp} tune --method {wildcards.method} --split {input.split} {params.ensemble}"
         " --config {input.config} --seed {params.seed} --device {params.device} --out {output} > {log} 2>&1"
+
+
+# With `reference.use`, a recorded tuning is copied into the work folder instead of re-tuned.
+ruleorder: restore_tuning > tune
+
+
+rule restore_tuning:
+    input:
+        tuning_record_to_restore,
+    output:
+        directory(f"{WORK}/tuning/{{dataset}}/{{method}}"),
+    params:
+        marker=RESTORED_MARKER,
+    log:
+        f"{WORK}/logs/tuning/{{dataset}}/{{method}}.restore.log",
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "(cp -R {input} {output} && echo {input} > {output}/{params.marker}) > {log} 2>&1"
 
 
 rule distill:
