@@ -331,3 +331,14 @@ def test_report_lists_datasets_in_the_given_order():
     long = pd.DataFrame({"dataset": ["a", "c", "b", "c", "a"], "value": range(5)})
     ordered = in_dataset_order(long, ["c", "b"])
     assert list(ordered["dataset"]) == ["c", "c", "b", "a", "a"] and list(ordered["value"]) == [1, 3, 2, 0, 4]
+
+
+def test_per_seed_table_lists_every_run_value_by_seed(long):
+    fewer = long[~((long["method"] == "rrd") & (long["seed"] == 1))]
+    text = T.per_seed_markdown(fewer, KS, methods=["wokd", "hetcomp", "rrd"])
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in text.split("## tiny, Recall@50")[1].split("##")[0].splitlines() if line.startswith("| ")}
+    assert list(rows)[1:4] == ["w/o KD", "RRD", "HetComp"]
+    assert rows["HetComp"] == [f"{value:.4f}" for value in _values(long, "hetcomp")]
+    assert rows["RRD"] == [f"{_values(long, 'rrd')[0]:.4f}", "n/a"]  # seed 1 not run
+    assert "Ensemble" in rows and "## tiny, NDCG@50" in text

@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md", "tuning.md",
-          "claims.md", "ablation.md", "reproduction.md"]
+          "claims.md", "ablation.md", "per_seed.md", "reproduction.md"]
 FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.png", "discrepancy.png",
            "homogeneous_vs_heterogeneous.png"]
 PNG = b"\x89PNG\r\n\x1a\n"

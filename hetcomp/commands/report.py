@@ -1,7 +1,7 @@
 """``hetcomp report``: the tables (Markdown, LaTeX) and figures (PNG) from ``hetcomp aggregate``'s output.
 
 Tables (``--tables-dir``): ``main.md``, ``main.tex``, ``teachers.md``, ``cost.md``, ``datasets.md``,
-``paper_comparison.md``, ``tuning.md``, ``ablation.md`` (``hetcomp.report.tables``), ``claims.md``
+``paper_comparison.md``, ``tuning.md``, ``ablation.md``, ``per_seed.md`` (``hetcomp.report.tables``), ``claims.md``
 (``hetcomp.report.claims``), ``reproduction.md`` (``hetcomp.report.reproduction``: your numbers
 against ``--reference-long``; not compared when that is the table being reported). Figures (``--figures-dir``):
 ``hetcomp.report.figures.FIGURES``. Each file is written atomically.
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 HELP = "build the tables (Markdown, LaTeX) and figures (PNG) from the long CSV of `hetcomp aggregate`"
 
 TABLES = ("main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md", "tuning.md",
-          "claims.md", "ablation.md", "reproduction.md")
+          "claims.md", "ablation.md", "per_seed.md", "reproduction.md")
 
 
 def add_arguments(parser):
@@ -60,6 +60,7 @@ def write_tables(long, extras, out_dir: Path, *, ks, alpha, methods, teachers, p
         "tuning.md": T.tuning_markdown(extras.get("tuning")),
         "claims.md": claims_markdown(long, extras, ks, alpha),
         "ablation.md": T.ablation_markdown(long, ks),
+        "per_seed.md": T.per_seed_markdown(long, ks, methods, teachers),
         "reproduction.md": reproduction_markdown(long, reference_long, ks),
     }
     for name, text in texts.items():

@@ -526,3 +526,42 @@ def ablation_markdown(long: pd.DataFrame, ks: Sequence[int]) -> str:
         body.append(line)
     lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))
     return "\n".join(lines) + "\n"
+
+
+def per_seed_markdown(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (),
+                      teachers: Sequence[str] = ()) -> str:
+    """Every run's test metrics at the largest K, one column per seed: per dataset and metric,
+    the main table's students, HetComp's ablations, the ensemble and the teachers (those with a
+    run on the dataset)."""
+    k = max(int(k) for k in ks)
+    test = test_rows(long, [k])
+    students = main_students(test)
+    ablations = test[(test["kind"] == "student") & test["method"].isin(list(ABLATION_LABELS))
+                     & (test["teacher"] == "ensemble")]
+    ensemble = test[test["kind"] == "ensemble"]
+    teacher_runs = test[test["kind"] == "teacher"]
+    present = set(teacher_runs["method"])
+    rows = ([("student", m) for m in ordered_methods(list(dict.fromkeys(students["method"])), methods)]
+            + [("student", m) for m in ABLATION_LABELS if m in set(ablations["method"])]
+            + [("ensemble", "ensemble")] * (not ensemble.empty)
+            + [("teacher", t) for t in [t for t in teachers if t in present] + sorted(present - set(teachers))])
+    lines = ["# Every run, seed by seed", "",
+             f"Test metrics (@{k}) at the best validation epoch, one column per seed: the values the "
+             f"main table's means, standard deviations and paired tests are made of. {NA}: not run.", ""]
+    runs = pd.concat([students, ablations, ensemble, teacher_runs])
+    if runs.empty:
+        return "\n".join(lines + ["No runs were found."]) + "\n"
+    values = runs.set_index(["dataset", "metric", "kind", "method", "seed"])["value"]
+    for dataset in dict.fromkeys(runs["dataset"]):
+        seeds = sorted(set(runs[runs["dataset"] == dataset]["seed"].astype(int)))
+        for metric, _ in metric_columns([k]):
+            body = []
+            for kind, method in rows:
+                keys = [(dataset, metric, kind, method, seed) for seed in seeds]
+                if any(key in values.index for key in keys):
+                    body.append([display(method)] + [f"{values[key]:.4f}" if key in values.index else NA
+                                                     for key in keys])
+            header = ["Method", *[f"seed {seed}" for seed in seeds]]
+            lines += [f"## {dataset}, {metric_label(metric, k)}", "",
+                      tabulate(body, headers=header, tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(lines)

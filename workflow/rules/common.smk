@@ -250,7 +250,7 @@ def all_cost_dirs():
 
 
 TABLES = ["main.md", "main.tex", "teachers.md", "cost.md", "datasets.md", "paper_comparison.md",
-          "tuning.md", "claims.md", "ablation.md", "reproduction.md"]
+          "tuning.md", "claims.md", "ablation.md", "per_seed.md", "reproduction.md"]
 FIGURES = ["training_curves.png", "checkpoint_selection.png", "accuracy_vs_cost.png",
            "discrepancy.png", "homogeneous_vs_heterogeneous.png"]
 

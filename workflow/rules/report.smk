@@ -84,6 +84,7 @@ rule report_tables:
         tuning=report(f"{RESULTS}/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
         claims=report(f"{RESULTS}/tables/claims.md", caption="../report/claims.rst", category="Tables"),
         ablation=report(f"{RESULTS}/tables/ablation.md", caption="../report/ablation.rst", category="Tables"),
+        per_seed=report(f"{RESULTS}/tables/per_seed.md", caption="../report/per_seed.rst", category="Tables"),
         reproduction=report(f"{RESULTS}/tables/reproduction.md", caption="../report/reproduction.rst",
                             category="Tables"),
     params:
