@@ -1,9 +1,9 @@
 """What a workflow run is about to do, and roughly how long it takes (printed before its first job).
 
-The estimate uses the measured per-job times of ``config/job_times.yaml`` (one machine class, one
-dataset), scaled linearly by each dataset's number of interactions and counted in core-minutes
-(minutes x threads of the measurement), so that a run with other thread settings is estimated by
-the same work. Wall time is the larger of (all core-minutes / cores) and the longest single job.
+The estimate uses the measured per-job times of ``config/job_times.yaml`` (one machine class): a
+dataset's own measurement where it has one (``per_dataset``), else the reference dataset's, scaled
+linearly by the dataset's number of interactions; counted in core-minutes (minutes x threads of
+the measurement), so that a run with other thread settings is estimated by the same work. Wall time is the larger of (all core-minutes / cores) and the longest single job.
 A ``tune_point`` job trains one point of a method's tuning grid: the method's measured time.
 Standard library and PyYAML only: the Snakemake driver imports this module (it prints the plan
 before the first job). ``python -m hetcomp.plan [snakemake options]`` prints it for a dry run
@@ -63,9 +63,10 @@ def dataset_size(dataset: str, table: Mapping, workdir: str | Path) -> int | Non
     return None
 
 
-def measured_minutes(rule: str, wildcards: Mapping, table: Mapping) -> float | None:
-    """Minutes of the reference job of this rule and these wildcards, or None if unmeasured."""
-    value = table["minutes"].get(rule)
+def measured_minutes(rule: str, wildcards: Mapping, minutes: Mapping) -> float | None:
+    """Minutes of the measured job of this rule and these wildcards in ``minutes`` (the table's
+    ``minutes`` or a dataset's ``per_dataset`` entry), or None if unmeasured."""
+    value = minutes.get(rule)
     for key in KEYS.get(rule, ()):
         if not isinstance(value, Mapping):
             break
@@ -82,19 +83,23 @@ def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: 
             continue
         plan.jobs[rule] += 1
         runs_of = REPEATS.get(rule, rule)
-        minutes = measured_minutes(runs_of, wildcards, table)
-        ref_threads = int(table["threads"].get(runs_of, 1))
-        if minutes is None:
-            plan.unmeasured[rule] += 1
-            minutes, ref_threads = float(table["unmeasured_minutes"]), 1
         dataset = wildcards.get("dataset")
-        if dataset:
-            size = dataset_size(str(dataset), table, workdir)
-            if size is None:
-                plan.unsized.add(str(dataset))
-            else:
-                minutes *= size / reference_size
-        core_minutes = minutes * ref_threads
+        own = measured_minutes(runs_of, wildcards, (table.get("per_dataset") or {}).get(str(dataset)) or {})
+        if own is not None:  # measured on this dataset, at one thread
+            core_minutes = own
+        else:
+            minutes = measured_minutes(runs_of, wildcards, table["minutes"])
+            ref_threads = int(table["threads"].get(runs_of, 1))
+            if minutes is None:
+                plan.unmeasured[rule] += 1
+                minutes, ref_threads = float(table["unmeasured_minutes"]), 1
+            if dataset:
+                size = dataset_size(str(dataset), table, workdir)
+                if size is None:
+                    plan.unsized.add(str(dataset))
+                else:
+                    minutes *= size / reference_size
+            core_minutes = minutes * ref_threads
         plan.core_minutes += core_minutes
         plan.longest_minutes = max(plan.longest_minutes, core_minutes / max(1, threads))
     return plan
@@ -112,7 +117,7 @@ def describe(plan: Plan, cores: int | None, table: Mapping) -> str:
     else:
         amount = f"{_duration(plan.core_minutes / 60)} of CPU time in total, spread over the cluster's nodes"
     lines.append(f"Estimated time: {amount} (an estimate from the job times measured on a "
-                 f"{table['reference']['machine']}, config/job_times.yaml, scaled by dataset size; "
+                 f"{table['reference']['machine']}, config/job_times.yaml, datasets not measured scaled by size; "
                  "a GPU or a faster CPU is quicker, a loaded machine slower).")
     if plan.unmeasured:
         assumed = ", ".join(f"{rule} x{n}" for rule, n in sorted(plan.unmeasured.items()))

@@ -65,3 +65,15 @@ def test_dry_run_listing_is_read_back_into_jobs(tmp_path):
     jobs = dry_run_jobs(text, TABLE)
     assert jobs == [("train_teacher", {"dataset": "citeulike-t", "seed": "0", "teacher": "mf"}, 2),
                     ("all", {}, 1), ("tune", {"dataset": "citeulike-t", "method": "dcd"}, 1)]
+
+
+def test_a_dataset_measured_on_its_own_uses_its_minutes_unscaled(tmp_path):
+    own = TABLE["per_dataset"]["amazon-music"]
+    plan = estimate([("distill", {"dataset": "amazon-music", "seed": "0", "method": "hetcomp"}, 1),
+                     ("train_teacher", {"dataset": "amazon-music", "seed": "0", "teacher": "mf"}, 2)],
+                    TABLE, tmp_path)
+    assert abs(plan.core_minutes - (own["distill"]["hetcomp"] + own["train_teacher"]["mf"])) < 1e-9
+    # a rule it has no measurement of falls back to the reference's, scaled by size
+    scaled = estimate([("prepare", {"dataset": "amazon-music"}, 1)], TABLE, tmp_path).core_minutes
+    ratio = TABLE["interactions"]["amazon-music"] / TABLE["interactions"]["citeulike-t"]
+    assert abs(scaled - TABLE["minutes"]["prepare"] * ratio) < 1e-9
