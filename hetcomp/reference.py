@@ -9,8 +9,8 @@ folder (``results/reference`` by default) with the work folder's layout::
 
 A record holds what the reports read and nothing that is only needed to train further: the run's
 ``metrics.json``, ``run_info.json``, ``method_state.json`` and ``meta.json`` where present, the
-per-user metrics (``per_user.npz``, compressed) and the history (``history.jsonl.gz``); for cost
-and tuning folders their tables. Checkpoints, trajectories and the ensemble's knowledge are not
+per-user *test* metrics (``per_user.npz``, compressed; the paired tests read nothing else of it)
+and the history (``history.jsonl.gz``); for cost and tuning folders their tables. Checkpoints, trajectories and the ensemble's knowledge are not
 recorded (tens of MB each).
 
 ``hetcomp record`` copies every finished run of a work folder that has no record yet (a record is
@@ -24,13 +24,17 @@ import gzip
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from hetcomp.io import atomic_output_dir
 
 #: Folders of the work layout that hold runs, with the depth of a run below them.
 RUN_KINDS = {"teachers": 3, "ensembles": 2, "runs": 3, "controls": 4, "cost": 2, "tuning": 2}
 #: Small files copied as they are (when present).
-KEPT_FILES = ("metrics.json", "run_info.json", "method_state.json", "meta.json", "per_user.npz",
+KEPT_FILES = ("metrics.json", "run_info.json", "method_state.json", "meta.json",
               "cost.json", "cost.csv", "discrepancy.csv", "chosen.yaml", "grid.csv", "tune_info.json")
+#: The arrays of ``per_user.npz`` a record keeps: the users and their test metrics.
+KEPT_PER_USER = ("users", "test/")
 #: What marks a folder as a finished run of each kind.
 FINISHED_MARKERS = ("run_info.json", "cost.json", "tune_info.json")
 
@@ -60,6 +64,11 @@ def record_run(run_dir: str | Path, record_dir: str | Path) -> int:
         for name in KEPT_FILES:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, tmp / name)
+        per_user = run_dir / "per_user.npz"
+        if per_user.is_file():
+            with np.load(per_user) as arrays:
+                kept = {name: arrays[name] for name in arrays.files if name.startswith(KEPT_PER_USER)}
+            np.savez_compressed(tmp / "per_user.npz", **kept)
         history = run_dir / "history.jsonl"
         if history.is_file():
             with open(history, "rb") as source, gzip.GzipFile(tmp / "history.jsonl.gz", "wb",

@@ -20,7 +20,8 @@ def _fake_run(path, method="rrd", seed=0, recall=0.2):
         {"best_epoch": 10, "valid": {"recall@50": recall}, "test": {"recall@50": recall}}))
     (path / "run_info.json").write_text(json.dumps({"seed": seed, "method": method, "config": {}}))
     (path / "history.jsonl").write_text(json.dumps({"epoch": 0, "valid": {"recall@50": recall}}) + "\n")
-    np.savez_compressed(path / "per_user.npz", users=np.arange(3), **{"test/recall@50": np.ones(3)})
+    np.savez_compressed(path / "per_user.npz", users=np.arange(3),
+                        **{"test/recall@50": np.ones(3), "valid/recall@50": np.zeros(3)})
     (path / "student.pt").write_bytes(b"x" * 4096)           # never recorded
 
 
@@ -36,6 +37,9 @@ def test_record_copies_small_files_once_and_reports_read_them(tmp_path):
     assert sorted(p.name for p in record.iterdir()) == [
         "history.jsonl.gz", "metrics.json", "per_user.npz", "run_info.json"]
     assert written[0][1] < 4096
+    with np.load(record / "per_user.npz") as per_user:  # the per-user test metrics only
+        assert sorted(per_user.files) == ["test/recall@50", "users"]
+        assert per_user["test/recall@50"].tolist() == [1.0, 1.0, 1.0]
     # the reports read a record like the run itself
     assert run_rows(record, "student")[0]["value"] == 0.2
     assert history_rows(record, "student") == history_rows(work / "runs" / "ds" / "seed0" / "rrd", "student")
