@@ -3,7 +3,8 @@
 The estimate uses the measured per-job times of ``config/job_times.yaml`` (one machine class): a
 dataset's own measurement where it has one (``per_dataset``), else the reference dataset's, scaled
 linearly by the dataset's number of interactions; counted in core-minutes (minutes x threads of
-the measurement), so that a run with other thread settings is estimated by the same work. Wall time is the larger of (all core-minutes / cores) and the longest single job.
+the measurement), so that a run with other thread settings is estimated by the same work. Wall
+time is the larger of (all core-minutes / cores) and the longest single job.
 A ``tune_point`` job trains one point of a method's tuning grid: the method's measured time.
 Standard library and PyYAML only: the Snakemake driver imports this module (it prints the plan
 before the first job). ``python -m hetcomp.plan [snakemake options]`` prints it for a dry run
@@ -84,7 +85,8 @@ def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: 
         plan.jobs[rule] += 1
         runs_of = REPEATS.get(rule, rule)
         dataset = wildcards.get("dataset")
-        own = measured_minutes(runs_of, wildcards, (table.get("per_dataset") or {}).get(str(dataset)) or {})
+        own_table = (table.get("per_dataset") or {}).get(str(dataset)) or {}
+        own = measured_minutes(runs_of, wildcards, own_table)
         if own is not None:  # measured on this dataset, at one thread
             core_minutes = own
         else:
@@ -117,7 +119,8 @@ def describe(plan: Plan, cores: int | None, table: Mapping) -> str:
     else:
         amount = f"{_duration(plan.core_minutes / 60)} of CPU time in total, spread over the cluster's nodes"
     lines.append(f"Estimated time: {amount} (an estimate from the job times measured on a "
-                 f"{table['reference']['machine']}, config/job_times.yaml, datasets not measured scaled by size; "
+                 f"{table['reference']['machine']}, config/job_times.yaml, datasets not measured "
+                 "scaled by size; "
                  "a GPU or a faster CPU is quicker, a loaded machine slower).")
     if plan.unmeasured:
         assumed = ", ".join(f"{rule} x{n}" for rule, n in sorted(plan.unmeasured.items()))

@@ -10,8 +10,8 @@ folder (``results/reference`` by default) with the work folder's layout::
 A record holds what the reports read and nothing that is only needed to train further: the run's
 ``metrics.json``, ``run_info.json``, ``method_state.json`` and ``meta.json`` where present, the
 per-user *test* metrics (``per_user.npz``, compressed; the paired tests read nothing else of it)
-and the history (``history.jsonl.gz``); for cost and tuning folders their tables. Checkpoints, trajectories and the ensemble's knowledge are not
-recorded (tens of MB each).
+and the history (``history.jsonl.gz``); for cost and tuning folders their tables. Checkpoints,
+trajectories and the ensemble's knowledge are not recorded (tens of MB each).
 
 ``hetcomp record`` copies every finished run of a work folder that has no record yet (a record is
 never overwritten). With ``reference.use: true`` the workflow treats a recorded run as done and

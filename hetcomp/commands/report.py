@@ -1,8 +1,8 @@
 """``hetcomp report``: the tables (Markdown, LaTeX) and figures (PNG) from ``hetcomp aggregate``'s output.
 
 Tables (``--tables-dir``): ``main.md``, ``main.tex``, ``teachers.md``, ``cost.md``, ``datasets.md``,
-``paper_comparison.md``, ``tuning.md``, ``ablation.md``, ``per_seed.md`` (``hetcomp.report.tables``), ``claims.md``
-(``hetcomp.report.claims``), ``reproduction.md`` (``hetcomp.report.reproduction``: your numbers
+``paper_comparison.md``, ``tuning.md``, ``ablation.md``, ``per_seed.md`` (``hetcomp.report.tables``),
+``claims.md`` (``hetcomp.report.claims``), ``reproduction.md`` (``hetcomp.report.reproduction``: your numbers
 against ``--reference-long``; not compared when that is the table being reported). Figures (``--figures-dir``):
 ``hetcomp.report.figures.FIGURES``. Each file is written atomically.
 

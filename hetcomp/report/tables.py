@@ -541,10 +541,11 @@ def per_seed_markdown(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[s
     ensemble = test[test["kind"] == "ensemble"]
     teacher_runs = test[test["kind"] == "teacher"]
     present = set(teacher_runs["method"])
-    rows = ([("student", m) for m in ordered_methods(list(dict.fromkeys(students["method"])), methods)]
-            + [("student", m) for m in ABLATION_LABELS if m in set(ablations["method"])]
-            + [("ensemble", "ensemble")] * (not ensemble.empty)
-            + [("teacher", t) for t in [t for t in teachers if t in present] + sorted(present - set(teachers))])
+    teacher_order = [t for t in teachers if t in present] + sorted(present - set(teachers))
+    rows = [("student", m) for m in ordered_methods(list(dict.fromkeys(students["method"])), methods)]
+    rows += [("student", m) for m in ABLATION_LABELS if m in set(ablations["method"])]
+    rows += [("ensemble", "ensemble")] if not ensemble.empty else []
+    rows += [("teacher", t) for t in teacher_order]
     lines = ["# Every run, seed by seed", "",
              f"Test metrics (@{k}) at the best validation epoch, one column per seed: the values the "
              f"main table's means, standard deviations and paired tests are made of. {NA}: not run.", ""]
