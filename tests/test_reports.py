@@ -342,3 +342,9 @@ def test_per_seed_table_lists_every_run_value_by_seed(long):
     assert rows["HetComp"] == [f"{value:.4f}" for value in _values(long, "hetcomp")]
     assert rows["RRD"] == [f"{_values(long, 'rrd')[0]:.4f}", "n/a"]  # seed 1 not run
     assert "Ensemble" in rows and "## tiny, NDCG@50" in text
+
+
+def test_a_column_of_one_method_has_no_bold_best(long):
+    only_wokd = long[(long["kind"] != "student") | (long["method"] == "wokd")]
+    table = T.main_table(only_wokd, KS, methods=["wokd"])
+    assert table["cells"] and not table["bold"]

@@ -185,7 +185,7 @@ def main_table(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[str] = (
         column = summary[(summary["dataset"] == dataset) & (summary["metric"] == metric) & (summary["K"] == k)]
         for _, row in column.iterrows():
             cells[(row["method"], dataset, metric, k)] = (row["mean"], row["std"], int(row["n"]))
-        if not column.empty:
+        if len(column) > 1:  # a column of one method has no best
             top = column["mean"].max()
             bold.update((m, dataset, metric, k) for m in column[column["mean"] >= top - 1e-12]["method"])
     tests = significance(students, ks, datasets)
@@ -223,7 +223,7 @@ def main_markdown(table: dict) -> str:
     body = [[display(method)] + [_cell_text(table, (method, d, m, k), ("**", "**"), MD_MARKS)
                                  for d, m, k in table["columns"]] for method in table["methods"]]
     lines = ["# Main results: test metrics of the student", "",
-             "Mean ± std over seeds at the best validation epoch; best of each column in **bold**. "
+             "Mean ± std over seeds at the best validation epoch; best of each column of two or more methods in **bold**. "
              f"HetComp vs the best other method of the column (two-sided paired t-test, p < {table['alpha']}, "
              f"see below): `*` significantly higher, `†` significantly lower. {FEWER_SEEDS_NOTE}", "",
              settings_note(table.get("settings")), ""]
