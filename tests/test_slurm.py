@@ -42,7 +42,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TEST_CONFIG = ".test/config.yaml"
 # The rules that run on the configured device and so request gpu=1 when it is cuda
 # (workflow/rules/common.smk, gpus()); every other rule must never ask for a GPU.
-GPU_RULES = {"train_teacher", "distill", "distill_control", "cost"}
+GPU_RULES = {"train_teacher", "distill", "distill_control", "tune_point", "tune", "cost"}
 # profiles/slurm-test/config.yaml may differ from profiles/slurm/config.yaml in these keys only.
 TEST_ONLY_KEYS = {
     "slurm-status-command",
@@ -122,8 +122,9 @@ def test_slurm_profile_uses_the_official_plugin_and_conda():
     for commented in ("# slurm_account:", "# slurm_partition:", "#   slurm_partition:",
                       "#   constraint:", "#   gpu_model:"):
         assert commented in text, f"profiles/slurm should show the site setting {commented!r} commented"
-    for rule in GPU_RULES - {"cost", "distill_control"}:
+    for rule in GPU_RULES - {"cost", "distill_control", "tune_point", "tune"}:
         assert f"# {rule}:" in text, f"profiles/slurm should show GPU settings for {rule}"
+    assert "# the same for distill_control, tune_point, tune and cost" in text
 
 
 def test_slurm_test_profile_differs_only_in_test_settings():
