@@ -217,8 +217,9 @@ def test_hetcomp_gradients_are_bit_identical_with_two_threads(tmp_path):
     """Same batch, same state, two torch threads: the same gradients, bit for bit (a parallel
     scatter of the listed items' gradients adds in no fixed order; the list-score kernel does).
     Out of the default suite: it failed twice within full runs of the suite (once under load; once
-    on 2026-12-04 on the idle machine: user_emb.weight, 609 entries differ by at most 2.9e-10),
-    never in the runs of it alone or of its file; cause not found."""
+    on 2026-12-04 on the idle machine: user_emb.weight, 609 entries differ by at most 2.9e-10) and,
+    called 15 times in one fresh process while another process loaded the CPU, on the first call
+    only; it passed in 7 runs of it alone or of its file on the idle machine. Cause not found."""
     load_all()
     split = _mid_size_split()
     knowledge = load_knowledge(write_knowledge(split, tmp_path / "ens", depth=110, n_observed=12))

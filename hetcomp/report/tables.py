@@ -540,12 +540,10 @@ def per_seed_markdown(long: pd.DataFrame, ks: Sequence[int], methods: Sequence[s
                      & (test["teacher"] == "ensemble")]
     ensemble = test[test["kind"] == "ensemble"]
     teacher_runs = test[test["kind"] == "teacher"]
-    present = set(teacher_runs["method"])
-    teacher_order = [t for t in teachers if t in present] + sorted(present - set(teachers))
     rows = [("student", m) for m in ordered_methods(list(dict.fromkeys(students["method"])), methods)]
     rows += [("student", m) for m in ABLATION_LABELS if m in set(ablations["method"])]
     rows += [("ensemble", "ensemble")] if not ensemble.empty else []
-    rows += [("teacher", t) for t in teacher_order]
+    rows += [("teacher", t) for t in ordered_methods(list(set(teacher_runs["method"])), teachers)]
     lines = ["# Every run, seed by seed", "",
              f"Test metrics (@{k}) at the best validation epoch, one column per seed: the values the "
              f"main table's means, standard deviations and paired tests are made of. {NA}: not run.", ""]
