@@ -206,6 +206,20 @@ def test_factorized_rest_mass_threaded_blocks_and_grouped_exclusions(monkeypatch
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_row_block_threads_multiply_like_one_thread(monkeypatch):
+    """A new pool thread's matmul gives the bits of a one-thread matmul: OpenMP's and MKL's thread
+    counts are per thread, and a new thread started at every core (two MKL threads here, whose
+    sums of 3,000 terms differ from one thread's), which made HetComp's gradients depend on when
+    the pool's threads were made."""
+    monkeypatch.setattr(losses, "_POOL", None)        # fresh threads, as in a new process
+    torch.manual_seed(0)
+    left, right = torch.randn(6, 3000), torch.rand(3000, 87)
+    expected = left @ right                           # one thread (the fixture)
+    torch.set_num_threads(2)
+    parts = losses.over_row_blocks(lambda firsts: left @ right, 2, 1, torch.device("cpu"))
+    assert len(parts) == 2 and all(torch.equal(part, expected) for part in parts)
+
+
 def test_factorized_rest_mass_float32_no_overflow():
     users = torch.full((2, 6), 3.0)               # raw scores 25 * 9 * 6 >> 40: clamped to 40
     items = torch.full((100, 6), 5.0)

@@ -115,6 +115,11 @@ def over_row_blocks(work: Callable[[list[int]], Any], n_rows: int, step: int, de
     cores are used without one thread-pool barrier per (small) op, which stalls badly when other
     processes share the cores. Returns the workers' results in a fixed order (deterministic for
     a given thread count).
+
+    Each pool thread sets its own torch thread count to 1 when it starts: OpenMP's and MKL's
+    thread counts are per thread, and a new thread starts at the process default (OMP_NUM_THREADS, else every core),
+    so until its first parallel torch op its matmuls ran on two MKL threads, whose sums differ in
+    the last bits from one thread's: gradients then depended on when the pool's threads were made.
     """
     firsts = list(range(0, n_rows, step))
     workers = min(torch.get_num_threads(), len(firsts)) if device.type == "cpu" else 1
@@ -127,7 +132,8 @@ def over_row_blocks(work: Callable[[list[int]], Any], n_rows: int, step: int, de
         return [run(firsts)]
     global _POOL
     if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="hetcomp-rest-mass")
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="hetcomp-rest-mass",
+                                   initializer=torch.set_num_threads, initargs=(1,))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
