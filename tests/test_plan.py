@@ -30,8 +30,8 @@ def test_core_minutes_come_from_the_measured_table():
 
 def test_other_datasets_scale_by_interactions_and_unknowns_are_flagged(tmp_path):
     reference = estimate(grid(), TABLE, tmp_path).core_minutes
-    ratio = TABLE["interactions"]["foursquare"] / TABLE["interactions"]["citeulike-t"]
-    assert abs(estimate(grid("foursquare"), TABLE, tmp_path).core_minutes - ratio * reference) < 1e-6
+    ratio = TABLE["interactions"]["citeulike-a"] / TABLE["interactions"]["citeulike-t"]
+    assert abs(estimate(grid("citeulike-a"), TABLE, tmp_path).core_minutes - ratio * reference) < 1e-6
 
     (tmp_path / "splits" / "mine").mkdir(parents=True)
     (tmp_path / "splits" / "mine" / "meta.json").write_text(json.dumps({"n_interactions": 62790}))
