@@ -15,14 +15,19 @@ trajectories and the ensemble's knowledge are not recorded (tens of MB each).
 
 ``hetcomp record`` copies every finished run of a work folder that has no record yet (a record is
 never overwritten). With ``reference.use: true`` the workflow treats a recorded run as done and
-aggregates from its record (``workflow/rules/common.smk``).
+aggregates from its record (``workflow/rules/common.smk``). Teachers and ensembles are retrained
+where a seed still has students to train (their trajectories are not recorded): with the record's
+thread count (``recorded_threads``), and a rebuilt ensemble must equal its record
+(``differences_from_record``), since the recorded students of its seed distilled that one.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -35,6 +40,8 @@ KEPT_FILES = ("metrics.json", "run_info.json", "method_state.json", "meta.json",
               "cost.json", "cost.csv", "discrepancy.csv", "chosen.yaml", "grid.csv", "tune_info.json")
 #: The arrays of ``per_user.npz`` a record keeps: the users and their test metrics.
 KEPT_PER_USER = ("users", "test/")
+#: The groups of ``metrics.json`` a retrained run must reproduce.
+COMPARED_METRICS = ("valid", "test")
 #: What marks a folder as a finished run of each kind.
 FINISHED_MARKERS = ("run_info.json", "cost.json", "tune_info.json")
 
@@ -94,6 +101,32 @@ def record_all(work: str | Path, reference: str | Path) -> list[tuple[Path, int]
             continue
         written.append((relative, record_run(work / relative, target)))
     return written
+
+
+def recorded_threads(record_dir: str | Path) -> int | None:
+    """The torch thread count a recorded run trained with, or None (no record, or not recorded)."""
+    run_info = Path(record_dir) / "run_info.json"
+    if not run_info.is_file():
+        return None
+    threads = json.loads(run_info.read_text()).get("torch_threads")
+    return int(threads) if threads else None
+
+
+def differences_from_record(metrics: Mapping, record_dir: str | Path) -> list[str]:
+    """Each metric of ``metrics`` (valid and test) that differs from the record's, as
+    ``"test recall@50 0.229782 vs 0.231442"`` (this run's value first); empty if all are equal."""
+    recorded = json.loads((Path(record_dir) / "metrics.json").read_text())
+    differences = []
+    for group in COMPARED_METRICS:
+        ours, theirs = metrics.get(group) or {}, recorded.get(group) or {}
+        for name in sorted(set(ours) | set(theirs)):
+            if ours.get(name) != theirs.get(name):
+                differences.append(f"{group} {name} {_number(ours.get(name))} vs {_number(theirs.get(name))}")
+    return differences
+
+
+def _number(value) -> str:
+    return f"{value:.6f}" if isinstance(value, (int, float)) else str(value)
 
 
 def read_history_lines(run_dir: str | Path) -> list[str] | None:

@@ -42,9 +42,23 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, the vector instructions torch's kernels use (their
+    sums differ in the last bits between, say, AVX2 and AVX512) and the torch thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads)")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

@@ -201,3 +201,23 @@ def test_padded_lists_add_nothing_to_the_ensemble():
     scores = dense_scores(lists, 4, 10.0)
     assert scores[0].tolist() == pytest.approx([W[1] + W[0], 0, W[0], 0])
     assert combine_rankings(lists, 4, 2, 10.0)[0].tolist() == [0, 2]
+
+
+def test_an_ensemble_rebuilt_against_its_record_must_equal_it(tmp_path, setup, run_cli, capsys):
+    split, split_dir, runs = setup
+    record, top_k = tmp_path / "record", ("--top-k", "15")
+    assert _build(run_cli, split_dir, runs, record, *top_k) == 0
+    again = tmp_path / "again"
+    assert _build(run_cli, split_dir, runs, again, *top_k, "--expect-record", str(record)) == 0
+    assert (again / "knowledge.npz").is_file()
+    capsys.readouterr()
+    metrics = json.loads((record / "metrics.json").read_text())
+    metrics["test"]["recall@50"] += 1e-9  # a record of other teachers, or another thread count
+    (record / "metrics.json").write_text(json.dumps(metrics))
+    other = tmp_path / "other"
+    assert _build(run_cli, split_dir, runs, other, *top_k, "--expect-record", str(record)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differs from its record" in err and "test recall@50" in err
+    assert not other.exists()
+    assert _build(run_cli, split_dir, runs, other, *top_k, "--expect-record", str(tmp_path / "none")) == 2
+    assert "no metrics.json there" in capsys.readouterr().err and not other.exists()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from hetcomp.cli import main
-from hetcomp.reference import finished_runs, record_all
+from hetcomp.reference import differences_from_record, finished_runs, record_all, recorded_threads
 from hetcomp.report.aggregate import history_rows, run_rows
 from hetcomp.report.reproduction import TOLERANCE, reproduction_frame
 
@@ -54,6 +54,20 @@ def test_record_command(tmp_path, capsys):
     assert main(["record", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "ref")]) == 0
     assert "1 new record(s)" in capsys.readouterr().out
     assert main(["record", "--work", str(tmp_path / "missing"), "--out", str(tmp_path / "ref")]) == 2
+
+
+def test_recorded_threads_and_differences_from_a_record(tmp_path):
+    record = tmp_path / "record"
+    _fake_run(record, recall=0.25)
+    assert recorded_threads(record) is None  # an old record without the count
+    info = json.loads((record / "run_info.json").read_text())
+    (record / "run_info.json").write_text(json.dumps({**info, "torch_threads": 1}))
+    assert recorded_threads(record) == 1 and recorded_threads(tmp_path / "none") is None
+    same = {"best_epoch": 99, "valid": {"recall@50": 0.25}, "test": {"recall@50": 0.25}}
+    assert differences_from_record(same, record) == []  # only valid and test are compared
+    other = {"valid": {"recall@50": 0.25}, "test": {"recall@50": 0.25 + 1e-12, "ndcg@50": 0.1}}
+    assert differences_from_record(other, record) == ["test ndcg@50 0.100000 vs None",
+                                                      "test recall@50 0.250000 vs 0.250000"]
 
 
 def _long(values_by_seed, method="rrd"):

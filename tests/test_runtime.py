@@ -42,3 +42,13 @@ def test_code_version_of_a_copy_inside_another_checkout_is_none(monkeypatch):
 
     monkeypatch.setattr(runtime.subprocess, "run", git)
     assert runtime.code_version() is None
+
+
+def test_a_cpu_run_records_the_cpu_model_and_its_vector_instructions(monkeypatch):
+    import torch
+
+    name = runtime.describe_device(torch.device("cpu"))
+    assert name.startswith(f"cpu ({runtime.cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, ")
+    assert name.endswith(f"{torch.get_num_threads()} threads)")
+    monkeypatch.setattr(runtime, "Path", lambda _: Path("/nonexistent/cpuinfo"))
+    assert runtime.cpu_model()  # falls back to what `platform` knows

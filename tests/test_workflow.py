@@ -9,6 +9,7 @@ a dry run), so that these tests need neither the datasets nor internet.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -340,3 +341,21 @@ def test_tiny_config_end_to_end(tmp_path):
     assert retuned.returncode == 0, retuned.stderr[-3000:]
     counts = job_counts(retuned.stdout + retuned.stderr)
     assert "restore_tuning" not in counts and counts["tune"] >= 2, counts
+
+    # A recorded teacher and ensemble needed again (lost from the work folder, a student of their
+    # seed left to train): the teacher retrains with its record's threads (2 here, the config
+    # says 1), and the rebuilt ensemble is checked against its record.
+    record_info = tmp_path / "reference" / "teachers" / "tiny" / "seed0" / "mf" / "run_info.json"
+    info = json.loads(record_info.read_text())
+    record_info.write_text(json.dumps({**info, "torch_threads": 2}))
+    shutil.rmtree(tmp_path / "work" / "teachers" / "tiny" / "seed0" / "mf")
+    shutil.rmtree(tmp_path / "work" / "ensembles" / "tiny" / "seed0")
+    retrained = snakemake("-n", "-p", "--cores", "2", "--configfile", ".test/config.yaml", str(layer),
+                          *isolated(tmp_path))
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    commands = [line for line in (retrained.stdout + retrained.stderr).splitlines() if "-m hetcomp" in line]
+    teacher = [line for line in commands if "train-teacher --model mf" in line]
+    assert len(teacher) == 1 and "OMP_NUM_THREADS=2 " in teacher[0], teacher
+    ensemble = [line for line in commands if " build-ensemble " in line]
+    record = tmp_path / "reference" / "ensembles" / "tiny" / "seed0"
+    assert len(ensemble) == 1 and f"--expect-record {record} " in ensemble[0], ensemble

@@ -3,21 +3,26 @@
 Writes into ``--out`` (atomically): ``knowledge.npz`` and ``meta.json`` (``hetcomp.ensemble``,
 read back by ``hetcomp.knowledge.load_knowledge``), and the evaluation of the final-checkpoint
 ensemble as a recommender (the "Ensemble" row): ``metrics.json``, ``per_user.npz``, ``run_info.json``.
+With ``--expect-record`` it writes nothing unless its metrics equal that record's (the workflow
+passes an ensemble's record when it rebuilds a recorded ensemble: see ``hetcomp.reference``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 from hetcomp.config import config_hash
 from hetcomp.data.store import load_split
+from hetcomp.errors import HetCompError
 from hetcomp.ensemble import (build_knowledge, check_compatible, final_score_fn, load_teacher_run,
                               write_knowledge)
 from hetcomp.evaluation import Evaluator
 from hetcomp.io import atomic_output_dir, write_json
 from hetcomp.outputs import metrics_record, write_per_user
+from hetcomp.reference import differences_from_record
 from hetcomp.runtime import resolve_device, run_info
 from hetcomp.trajectory import split_fingerprint
 
@@ -36,10 +41,15 @@ def add_arguments(parser):
                         help="length of each user's ranked training-item list (padded with -1)")
     parser.add_argument("--temperature", type=float, default=10.0,
                         help="rank importance exp(-rank / temperature)")
+    parser.add_argument("--expect-record", type=Path, metavar="RECORD",
+                        help="a record of this ensemble (hetcomp record): fail, writing nothing, "
+                             "unless the rebuilt ensemble's metrics equal it")
 
 
 def run(args) -> int:
     started = time.perf_counter()
+    if args.expect_record is not None and not (args.expect_record / "metrics.json").is_file():
+        raise HetCompError(f"--expect-record {args.expect_record}: no metrics.json there")
     split = load_split(args.split)
     runs = [load_teacher_run(run_dir) for run_dir in args.teachers]
     fingerprint = split_fingerprint(split)
@@ -60,8 +70,10 @@ def run(args) -> int:
     config = {"teachers": knowledge.teachers, "top_k": args.top_k, "observed": args.observed,
               "temperature": args.temperature, "dataset": split.meta.get("dataset")}
     with atomic_output_dir(args.out) as tmp:
-        write_knowledge(knowledge, tmp)
         write_json(tmp / "metrics.json", metrics)
+        if args.expect_record is not None:
+            _check_record(json.loads((tmp / "metrics.json").read_text()), args.expect_record)
+        write_knowledge(knowledge, tmp)
         write_per_user(tmp / "per_user.npz", results["valid"], results["test"])
         write_json(tmp / "run_info.json", run_info(
             config=config, config_hash=config_hash(config), seed=seed, device=device,
@@ -70,3 +82,13 @@ def run(args) -> int:
     log.info("ensemble of %s: valid recall@50 %.4f, test recall@50 %.4f -> %s", ", ".join(knowledge.teachers),
              results["valid"].means()["recall@50"], results["test"].means()["recall@50"], args.out)
     return 0
+
+
+def _check_record(metrics: dict, record: Path) -> None:
+    differences = differences_from_record(metrics, record)
+    if differences:
+        raise HetCompError(
+            f"the rebuilt ensemble differs from its record {record} ({differences[0]}; "
+            f"{len(differences)} metric(s) differ): its teachers did not repeat their records "
+            "(another thread count, code version or CPU, see their run_info.json), and the "
+            "recorded students of this seed distilled the recorded ensemble")

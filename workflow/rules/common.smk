@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:  # the driver imports two small modules of he
     sys.path.insert(0, str(REPO_ROOT))
 from hetcomp.data.fetch import OFFLINE_VAR, missing_file_message, offline, resolve_data_dir  # noqa: E402
 from hetcomp.plan import describe, estimate, load_job_times  # noqa: E402
-from hetcomp.reference import is_finished  # noqa: E402
+from hetcomp.reference import is_finished, recorded_threads  # noqa: E402
 from snakemake.utils import validate  # noqa: E402
 
 
@@ -441,6 +441,26 @@ def recorded(path):
 
 def recorded_all(paths):
     return [recorded(path) for path in paths]
+
+
+def threads_as_recorded(stage, work_path):
+    """The threads of a teacher or ensemble job (``work_path(wildcards)`` its folder): those its
+    record trained with when `reference.use` and it has one, so that a retrained teacher repeats
+    its record (another thread count changes the last bits of sums), else the config's."""
+    def threads_of(wildcards):
+        record = recorded(work_path(wildcards))
+        found = recorded_threads(record) if record != work_path(wildcards) else None
+        return found or threads(stage)
+    return threads_of
+
+
+def expect_record_arg(wildcards, output):
+    """`--expect-record RECORD` for an ensemble rebuilt while its record exists (`reference.use`):
+    the recorded students of its seed distilled that ensemble, so the rebuilt one must equal it.
+    (A function of `output`, so Snakemake does not count it among the params whose change reruns
+    a job: recording an ensemble does not make its work folder's copy out of date.)"""
+    record = recorded(output[0])
+    return f"--expect-record {record}" if record != output[0] else ""
 
 
 def tuned_input(wildcards):
