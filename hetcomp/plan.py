@@ -2,8 +2,8 @@
 
 The estimate uses the measured per-job times of ``config/job_times.yaml`` (one machine class): a
 dataset's own measurement where it has one (``per_dataset``), else the reference dataset's, scaled
-linearly by the dataset's number of interactions; both counted in core-minutes (minutes x the
-table's ``threads``, those the measured jobs ran with), so that a run with other thread settings is estimated by the same work. Wall
+linearly by the dataset's number of interactions; counted in core-minutes (minutes x threads of
+the measurement), so that a run with other thread settings is estimated by the same work. Wall
 time is the larger of (all core-minutes / cores) and the longest single job.
 A ``tune_point`` job trains one point of a method's tuning grid: the method's measured time.
 Standard library and PyYAML only: the Snakemake driver imports this module (it prints the plan
@@ -86,12 +86,12 @@ def estimate(jobs: Iterable[tuple[str, Mapping, int]], table: Mapping, workdir: 
         runs_of = REPEATS.get(rule, rule)
         dataset = wildcards.get("dataset")
         own_table = (table.get("per_dataset") or {}).get(str(dataset)) or {}
-        ref_threads = int(table["threads"].get(runs_of, 1))
         own = measured_minutes(runs_of, wildcards, own_table)
-        if own is not None:  # measured on this dataset, at the table's threads
-            core_minutes = own * ref_threads
+        if own is not None:  # measured on this dataset, at one thread
+            core_minutes = own
         else:
             minutes = measured_minutes(runs_of, wildcards, table["minutes"])
+            ref_threads = int(table["threads"].get(runs_of, 1))
             if minutes is None:
                 plan.unmeasured[rule] += 1
                 minutes, ref_threads = float(table["unmeasured_minutes"]), 1
