@@ -114,19 +114,16 @@ def recorded_threads(record_dir: str | Path) -> int | None:
 
 def differences_from_record(metrics: Mapping, record_dir: str | Path) -> list[str]:
     """Each metric of ``metrics`` (valid and test) that differs from the record's, as
-    ``"test recall@50 0.229782 vs 0.231442"`` (this run's value first); empty if all are equal."""
+    ``"test recall@50 0.2304701 vs 0.2314424"`` (this run's value first, every digit); empty if
+    all are equal."""
     recorded = json.loads((Path(record_dir) / "metrics.json").read_text())
     differences = []
     for group in COMPARED_METRICS:
         ours, theirs = metrics.get(group) or {}, recorded.get(group) or {}
         for name in sorted(set(ours) | set(theirs)):
             if ours.get(name) != theirs.get(name):
-                differences.append(f"{group} {name} {_number(ours.get(name))} vs {_number(theirs.get(name))}")
+                differences.append(f"{group} {name} {ours.get(name)!r} vs {theirs.get(name)!r}")
     return differences
-
-
-def _number(value) -> str:
-    return f"{value:.6f}" if isinstance(value, (int, float)) else str(value)
 
 
 def read_history_lines(run_dir: str | Path) -> list[str] | None:

@@ -42,8 +42,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def describe_device(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model, the vector instructions torch's kernels use (their
-    sums differ in the last bits between, say, AVX2 and AVX512) and the torch thread count."""
+    """The GPU's name, or the CPU's model, the vector instructions torch picks its kernels by (AVX2,
+    AVX512, ...) and the torch thread count: all of them can change the last bits of sums."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return (f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
