@@ -9,7 +9,6 @@ passes an ensemble's record when it rebuilds a recorded ensemble: see ``hetcomp.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -69,11 +68,11 @@ def run(args) -> int:
                              teacher_n_parameters=dict(zip(knowledge.teachers, n_parameters)))
     config = {"teachers": knowledge.teachers, "top_k": args.top_k, "observed": args.observed,
               "temperature": args.temperature, "dataset": split.meta.get("dataset")}
+    if args.expect_record is not None:
+        _check_record(metrics, args.expect_record)
     with atomic_output_dir(args.out) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        if args.expect_record is not None:
-            _check_record(json.loads((tmp / "metrics.json").read_text()), args.expect_record)
         write_knowledge(knowledge, tmp)
+        write_json(tmp / "metrics.json", metrics)
         write_per_user(tmp / "per_user.npz", results["valid"], results["test"])
         write_json(tmp / "run_info.json", run_info(
             config=config, config_hash=config_hash(config), seed=seed, device=device,

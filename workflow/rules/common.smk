@@ -443,14 +443,19 @@ def recorded_all(paths):
     return [recorded(path) for path in paths]
 
 
+def record_of(path):
+    """The record of a work-folder run when `reference.use` and it exists, else None."""
+    record = recorded(path)
+    return record if record != path else None
+
+
 def threads_as_recorded(stage, work_path):
     """The threads of a teacher or ensemble job (``work_path(wildcards)`` its folder): those its
     record trained with when `reference.use` and it has one, so that a retrained teacher repeats
     its record (another thread count changes the last bits of sums), else the config's."""
     def threads_of(wildcards):
-        record = recorded(work_path(wildcards))
-        found = recorded_threads(record) if record != work_path(wildcards) else None
-        return found or threads(stage)
+        record = record_of(work_path(wildcards))
+        return (recorded_threads(record) if record else None) or threads(stage)
     return threads_of
 
 
@@ -459,8 +464,8 @@ def expect_record_arg(wildcards, output):
     the recorded students of its seed distilled that ensemble, so the rebuilt one must equal it.
     (A function of `output`, so Snakemake does not count it among the params whose change reruns
     a job: recording an ensemble does not make its work folder's copy out of date.)"""
-    record = recorded(output[0])
-    return f"--expect-record {record}" if record != output[0] else ""
+    record = record_of(output[0])
+    return f"--expect-record {record}" if record else ""
 
 
 def tuned_input(wildcards):
@@ -481,8 +486,8 @@ def tuning_record_to_restore(wildcards):
     is recorded and the work folder has no tuning of its own (none, or one restored before).
     Otherwise a path that no rule makes, so that the rule `tune` makes the folder."""
     work = Path(tuning_dir(wildcards.dataset, wildcards.method))
-    record = recorded(str(work))
-    if record != str(work) and (not work.exists() or (work / RESTORED_MARKER).is_file()):
+    record = record_of(str(work))
+    if record and (not work.exists() or (work / RESTORED_MARKER).is_file()):
         return record
     return f"{WORK}/.no-record-to-restore/{wildcards.dataset}/{wildcards.method}"
 
