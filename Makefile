@@ -54,6 +54,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/teacher_speed.py
 	$(BIN)/python benchmarks/hetcomp_speed.py
+	$(BIN)/python benchmarks/workflow_speed.py
 
 clean-work:
 	rm -rf work .snakemake

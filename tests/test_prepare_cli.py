@@ -3,7 +3,6 @@
 import hashlib
 import json
 import logging
-import time
 
 import pytest
 import yaml
@@ -38,9 +37,7 @@ def test_citeulike_t_summary_and_identical_bytes(data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["citeulike-a", "foursquare", "amazon-music", "ml-1m", "gowalla"])
 def test_other_datasets_prepare(dataset, data_dir, tmp_path, capsys):
-    start = time.perf_counter()
     assert prepare("--dataset", dataset, "--data-dir", data_dir, "--out", tmp_path / "out") == 0
-    assert time.perf_counter() - start < 60
     split = load_split(tmp_path / "out")
     meta = split.meta
     assert capsys.readouterr().out.startswith(f"{dataset}: {meta['n_users']:,} users")

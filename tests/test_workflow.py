@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -123,18 +122,15 @@ def layered(*names: str) -> dict:
     return config
 
 
-def test_paper_grid_dry_run_resolves_quickly(tmp_path):
-    started = time.perf_counter()
+def test_paper_grid_dry_run_resolves(tmp_path):
+    """(Its time, and Snakemake's start-up beside it, is measured by benchmarks/workflow_speed.py.)"""
     result = snakemake("-n", "--configfile", "config/paper.yaml", *isolated(tmp_path))
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     config = layered("paper.yaml")
     assert (config["datasets"], config["seeds"]) == (["citeulike-t", "foursquare", "amazon-music"], [0, 1, 2, 3, 4])
     counts = job_counts(result.stdout + result.stderr)
     assert counts == expected_counts(config)
     assert sum(counts.values()) > 300  # 3 datasets x 5 seeds x (6 teachers + 8 methods + 6 controls) + ...
-    # Snakemake itself needs several seconds to import on a busy 2-core machine; the DAG adds little.
-    assert elapsed < 120, f"dry run took {elapsed:.0f} s"
 
 
 def test_default_config_is_the_one_seed_citeulike_grid_writing_outside_results(tmp_path):
