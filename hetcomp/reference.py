@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -104,12 +105,16 @@ def record_all(work: str | Path, reference: str | Path) -> list[tuple[Path, int]
 
 
 def recorded_threads(record_dir: str | Path) -> int | None:
-    """The torch thread count a recorded run trained with, or None (no record, or not recorded)."""
+    """The torch thread count a recorded run trained with, or None (no record, or not recorded).
+    Records older than the `torch_threads` key name it only in `device_name`, "cpu (..., 2 threads)"."""
     run_info = Path(record_dir) / "run_info.json"
     if not run_info.is_file():
         return None
-    threads = json.loads(run_info.read_text()).get("torch_threads")
-    return int(threads) if threads else None
+    info = json.loads(run_info.read_text())
+    if info.get("torch_threads"):
+        return int(info["torch_threads"])
+    named = re.search(r"(\d+) threads\)$", info.get("device_name", ""))
+    return int(named.group(1)) if named else None
 
 
 def differences_from_record(metrics: Mapping, record_dir: str | Path) -> list[str]:

@@ -61,6 +61,8 @@ def test_recorded_threads_and_differences_from_a_record(tmp_path):
     _fake_run(record, recall=0.25)
     assert recorded_threads(record) is None  # an old record without the count
     info = json.loads((record / "run_info.json").read_text())
+    (record / "run_info.json").write_text(json.dumps({**info, "device_name": "cpu (x86_64, 2 threads)"}))
+    assert recorded_threads(record) == 2  # a record older than torch_threads names it here
     (record / "run_info.json").write_text(json.dumps({**info, "torch_threads": 1}))
     assert recorded_threads(record) == 1 and recorded_threads(tmp_path / "none") is None
     same = {"best_epoch": 99, "valid": {"recall@50": 0.25}, "test": {"recall@50": 0.25}}
