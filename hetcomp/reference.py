@@ -117,6 +117,17 @@ def recorded_threads(record_dir: str | Path) -> int | None:
     return int(named.group(1)) if named else None
 
 
+def recorded_cpu(record_dir: str | Path) -> str | None:
+    """The CPU a recorded run trained on, "MODEL, CAPABILITY" as `runtime.cpu_description` gives
+    it, or None (no record, a GPU run, or a record older than that part of `device_name`)."""
+    run_info = Path(record_dir) / "run_info.json"
+    if not run_info.is_file():
+        return None
+    device = json.loads(run_info.read_text()).get("device_name", "")
+    named = re.fullmatch(r"cpu \((.+), (\S+), \d+ threads\)", device)
+    return f"{named.group(1)}, {named.group(2)}" if named else None
+
+
 def differences_from_record(metrics: Mapping, record_dir: str | Path) -> list[str]:
     """Each metric of ``metrics`` (valid and test) that differs from the record's, as
     ``"test recall@50 0.2304701 vs 0.2314424"`` (this run's value first, every digit); empty if

@@ -46,8 +46,12 @@ def describe_device(device: torch.device) -> str:
     AVX512, ...) and the torch thread count: all of them can change the last bits of sums."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return (f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads)")
+    return f"cpu ({cpu_description()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_description() -> str:
+    """"MODEL, CAPABILITY": the CPU's model and the vector instructions torch's kernels use."""
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def cpu_model() -> str:

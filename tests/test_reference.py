@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from hetcomp.cli import main
-from hetcomp.reference import differences_from_record, finished_runs, record_all, recorded_threads
+from hetcomp.reference import differences_from_record, finished_runs, record_all, recorded_cpu, recorded_threads
 from hetcomp.report.aggregate import history_rows, run_rows
 from hetcomp.report.reproduction import TOLERANCE, reproduction_frame
 
@@ -63,6 +63,10 @@ def test_recorded_threads_and_differences_from_a_record(tmp_path):
     info = json.loads((record / "run_info.json").read_text())
     (record / "run_info.json").write_text(json.dumps({**info, "device_name": "cpu (x86_64, 2 threads)"}))
     assert recorded_threads(record) == 2  # a record older than torch_threads names it here
+    assert recorded_cpu(record) is None  # ... and no CPU model
+    (record / "run_info.json").write_text(json.dumps(
+        {**info, "device_name": "cpu (Intel(R) Xeon(R) Processor, AVX512, 1 threads)"}))
+    assert recorded_cpu(record) == "Intel(R) Xeon(R) Processor, AVX512"
     (record / "run_info.json").write_text(json.dumps({**info, "torch_threads": 1}))
     assert recorded_threads(record) == 1 and recorded_threads(tmp_path / "none") is None
     same = {"best_epoch": 99, "valid": {"recall@50": 0.25}, "test": {"recall@50": 0.25}}

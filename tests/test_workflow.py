@@ -355,3 +355,14 @@ def test_tiny_config_end_to_end(tmp_path):
     ensemble = [line for line in commands if " build-ensemble " in line]
     record = tmp_path / "reference" / "ensembles" / "tiny" / "seed0"
     assert len(ensemble) == 1 and f"--expect-record {record} " in ensemble[0], ensemble
+    assert "another CPU" not in retrained.stderr  # recorded on this machine
+
+    # An ensemble record that names another CPU: a warning before any job (the check will fail).
+    ensemble_info = record / "run_info.json"
+    info = json.loads(ensemble_info.read_text())
+    ensemble_info.write_text(json.dumps({**info, "device_name": "cpu (Other CPU, AVX9, 2 threads)"}))
+    elsewhere = snakemake("-n", "--cores", "2", "--configfile", ".test/config.yaml", str(layer),
+                          *isolated(tmp_path))
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    warnings = [line for line in elsewhere.stderr.splitlines() if "another CPU (Other CPU, AVX9;" in line]
+    assert len(warnings) == 1 and str(record) in warnings[0], elsewhere.stderr[-3000:]

@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:  # the driver imports two small modules of he
     sys.path.insert(0, str(REPO_ROOT))
 from hetcomp.data.fetch import OFFLINE_VAR, missing_file_message, offline, resolve_data_dir  # noqa: E402
 from hetcomp.plan import describe, estimate, load_job_times  # noqa: E402
-from hetcomp.reference import is_finished, recorded_threads  # noqa: E402
+from hetcomp.reference import is_finished, recorded_cpu, recorded_threads  # noqa: E402
 from snakemake.utils import validate  # noqa: E402
 
 
@@ -465,7 +465,28 @@ def expect_record_arg(wildcards, output):
     (A function of `output`, so Snakemake does not count it among the params whose change reruns
     a job: recording an ensemble does not make its work folder's copy out of date.)"""
     record = record_of(output[0])
+    if record and not Path(output[0]).exists():
+        warn_if_built_on_another_cpu(record)
     return f"--expect-record {record}" if record else ""
+
+
+_CPU_WARNED = set()
+
+
+def warn_if_built_on_another_cpu(record):
+    """One warning, before any job, per ensemble to rebuild whose record names another CPU: its
+    teachers will likely not repeat their records there (results/README.md), so the check fails."""
+    recorded_on = recorded_cpu(record)
+    if not recorded_on or record in _CPU_WARNED:
+        return
+    from hetcomp.runtime import cpu_description  # imports torch: only where a record names a CPU
+
+    if recorded_on != cpu_description():
+        _CPU_WARNED.add(record)
+        print(f"warning: {record} was built on another CPU ({recorded_on}; this one: {cpu_description()}):"
+              " its rebuilt ensemble will likely differ from the record, and build_ensemble then stops"
+              " (another CPU changes the teachers' last bits; retrain the seed there, or drop its records)",
+              file=sys.stderr)
 
 
 def tuned_input(wildcards):
