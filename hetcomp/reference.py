@@ -104,13 +104,16 @@ def record_all(work: str | Path, reference: str | Path) -> list[tuple[Path, int]
     return written
 
 
+def _run_info(record_dir: str | Path) -> dict:
+    """A record's ``run_info.json``, or {} where there is none."""
+    path = Path(record_dir) / "run_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def recorded_threads(record_dir: str | Path) -> int | None:
     """The torch thread count a recorded run trained with, or None (no record, or not recorded).
     Records older than the `torch_threads` key name it only in `device_name`, "cpu (..., 2 threads)"."""
-    run_info = Path(record_dir) / "run_info.json"
-    if not run_info.is_file():
-        return None
-    info = json.loads(run_info.read_text())
+    info = _run_info(record_dir)
     if info.get("torch_threads"):
         return int(info["torch_threads"])
     named = re.search(r"(\d+) threads\)$", info.get("device_name", ""))
@@ -120,11 +123,7 @@ def recorded_threads(record_dir: str | Path) -> int | None:
 def recorded_cpu(record_dir: str | Path) -> str | None:
     """The CPU a recorded run trained on, "MODEL, CAPABILITY" as `runtime.cpu_description` gives
     it, or None (no record, a GPU run, or a record older than that part of `device_name`)."""
-    run_info = Path(record_dir) / "run_info.json"
-    if not run_info.is_file():
-        return None
-    device = json.loads(run_info.read_text()).get("device_name", "")
-    named = re.fullmatch(r"cpu \((.+), (\S+), \d+ threads\)", device)
+    named = re.fullmatch(r"cpu \((.+), (\S+), \d+ threads\)", _run_info(record_dir).get("device_name", ""))
     return f"{named.group(1)}, {named.group(2)}" if named else None
 
 

@@ -1,5 +1,6 @@
 # Shared helpers: paths of every stage, the interpreter, per-dataset resources.
 # No model logic here: everything below only computes file names and command-line fragments.
+import functools
 import math
 import shlex
 import sys
@@ -12,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 REPO_ROOT = Path(workflow.basedir).resolve()
-if str(REPO_ROOT) not in sys.path:  # the driver imports two small modules of hetcomp (stdlib + yaml)
+if str(REPO_ROOT) not in sys.path:  # the driver imports three small modules of hetcomp (stdlib, yaml, numpy)
     sys.path.insert(0, str(REPO_ROOT))
 from hetcomp.data.fetch import OFFLINE_VAR, missing_file_message, offline, resolve_data_dir  # noqa: E402
 from hetcomp.plan import describe, estimate, load_job_times  # noqa: E402
@@ -470,20 +471,18 @@ def expect_record_arg(wildcards, output):
     return f"--expect-record {record}" if record else ""
 
 
-_CPU_WARNED = set()
-
-
+@functools.cache  # once per record: Snakemake evaluates a job's params more than once
 def warn_if_built_on_another_cpu(record):
-    """One warning, before any job, per ensemble to rebuild whose record names another CPU: its
+    """A warning, before any job, for an ensemble to rebuild whose record names another CPU: its
     teachers will likely not repeat their records there (results/README.md), so the check fails."""
     recorded_on = recorded_cpu(record)
-    if not recorded_on or record in _CPU_WARNED:
+    if not recorded_on:
         return
     from hetcomp.runtime import cpu_description  # imports torch: only where a record names a CPU
 
-    if recorded_on != cpu_description():
-        _CPU_WARNED.add(record)
-        print(f"warning: {record} was built on another CPU ({recorded_on}; this one: {cpu_description()}):"
+    this_cpu = cpu_description()
+    if recorded_on != this_cpu:
+        print(f"warning: {record} was built on another CPU ({recorded_on}; this one: {this_cpu}):"
               " its rebuilt ensemble will likely differ from the record, and build_ensemble then stops"
               " (another CPU changes the teachers' last bits; retrain the seed there, or drop its records)",
               file=sys.stderr)
